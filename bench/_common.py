@@ -1,0 +1,58 @@
+"""Shared bits of the benchmarks: importing the pack, the table header, where results go.
+
+Run a benchmark as ``python bench/<name>.py`` from the repository root (or anywhere).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+log = logging.getLogger("supercond.bench")
+
+
+def import_pack(name: str = "supercond"):
+    """Register the repository root as package ``name`` (its folder name may be anything).
+
+    The root itself must never go on sys.path: its ``nodes`` package would shadow ComfyUI's.
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, REPO / "__init__.py", submodule_search_locations=[str(REPO)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def header(title: str) -> str:
+    """First lines of every printed table: what, which commit, which machine."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=False,
+        ).stdout.strip() or "uncommitted"
+    except OSError:
+        commit = "unknown"
+    import torch
+
+    machine = f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}, threads {torch.get_num_threads()}"
+    return f"# {title}\n# commit {commit} | {machine} | {platform.python_version()}"
+
+
+def results_dir() -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    return RESULTS
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)

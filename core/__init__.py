@@ -1,0 +1,1 @@
+"""Pure-torch algorithms of Supercond. Nothing here imports ComfyUI."""
