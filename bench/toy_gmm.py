@@ -1,0 +1,412 @@
+"""A class-conditional 2-D toy diffusion setup, pure torch, for small honest benchmarks.
+
+Pieces (each usable on its own):
+
+- ``GMM``: K classes, each itself a mixture of a few anisotropic Gaussians, with exact sampling.
+  ``default_gmm()`` is the reference instance; ``FiniteDataset`` is a fixed draw from it (the
+  finite-data regime the CEP theory is about), while a ``GMM`` used as a training source gives a fresh
+  exact sample every step (the infinite-data regime).
+- ``VPSchedule``: a discrete variance-preserving schedule (SD's scaled-linear betas by default) with
+  ``alphas_cumprod``, ``sigmas`` and timestep spacings, so other benches can plug in other spacings.
+- ``Denoiser``: a small MLP eps-predictor on [x, sinusoidal(t), class embedding]; the class table
+  has one extra row, the null class used for classifier-free guidance.
+- ``train``: AdamW on the eps-MSE, CFG label dropout, optional CEP on the class embeddings (through
+  the pack's ``core.perturb.apply_cep``), deterministic given its seed.
+- ``ddim_sample``: deterministic DDIM (eta 0) over any descending timestep list, optional CFG.
+- Metrics: ``w2`` (exact optimal transport between equal-size samples) and ``kl_entropy``
+  (Kozachenko-Leonenko kNN estimator, nats), plus per-class wrappers.
+
+Nothing here touches the global torch RNG: every random draw takes an explicit generator.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from _common import import_pack
+from scipy.optimize import linear_sum_assignment
+from scipy.special import digamma, gammaln
+from torch import nn
+
+import_pack()
+perturb = importlib.import_module("supercond.core.perturb")
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass(frozen=True)
+class GMM:
+    """Class-conditional Gaussian mixture in 2-D.
+
+    means [K, M, 2], chols [K, M, 2, 2] (lower-triangular covariance factors), weights [K, M]
+    (each row sums to 1). Classes are drawn uniformly.
+    """
+
+    means: Tensor
+    chols: Tensor
+    weights: Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return self.means.shape[0]
+
+    def sample_class(self, k: int, n: int, generator: torch.Generator) -> Tensor:
+        """n exact draws from class k, [n, 2]."""
+        return self.sample(torch.full((n,), k, dtype=torch.long), generator)
+
+    def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
+        """One exact draw per label, [len(labels), 2]."""
+        comp = torch.multinomial(self.weights[labels], 1, generator=generator).squeeze(1)
+        z = torch.randn(len(labels), 2, generator=generator)
+        chol = self.chols[labels, comp]
+        return self.means[labels, comp] + (chol @ z.unsqueeze(-1)).squeeze(-1)
+
+    def batch(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """A fresh training batch (x [n, 2], y [n]): the infinite-data regime."""
+        y = torch.randint(0, self.num_classes, (n,), generator=generator)
+        return self.sample(y, generator), y
+
+
+def default_gmm(num_classes: int = 4) -> GMM:
+    """K classes around a ring of radius ~1.5 (data RMS ~1.2, about unit scale).
+
+    Each class has three elongated components with unequal weights (0.5, 0.3, 0.2) at different
+    radii, so there is within-class diversity (minor modes, orientations) for a model to lose.
+    """
+    offsets = (-0.5, 0.0, 0.5)  # radians around the class centre
+    radii = (1.7, 1.1, 1.7)
+    stds = ((0.30, 0.07), (0.12, 0.12), (0.07, 0.25))  # (tangential, radial)
+    weights = (0.5, 0.3, 0.2)
+    means, chols = [], []
+    for k in range(num_classes):
+        centre = 2 * math.pi * k / num_classes
+        mk, ck = [], []
+        for off, r, (s_tan, s_rad) in zip(offsets, radii, stds, strict=True):
+            a = centre + off
+            radial = torch.tensor([math.cos(a), math.sin(a)])
+            tangent = torch.tensor([-math.sin(a), math.cos(a)])
+            rot = torch.stack([tangent, radial], dim=1)  # columns: tangent, radial
+            cov = rot @ torch.diag(torch.tensor([s_tan**2, s_rad**2])) @ rot.T
+            mk.append(r * radial)
+            ck.append(torch.linalg.cholesky(cov))
+        means.append(torch.stack(mk))
+        chols.append(torch.stack(ck))
+    w = torch.tensor(weights).expand(num_classes, -1).clone()
+    return GMM(torch.stack(means).float(), torch.stack(chols).float(), w)
+
+
+@dataclass(frozen=True)
+class FiniteDataset:
+    """A fixed training set: minibatches are drawn from it with replacement."""
+
+    x: Tensor
+    y: Tensor
+
+    def batch(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        idx = torch.randint(0, len(self.y), (n,), generator=generator)
+        return self.x[idx], self.y[idx]
+
+    def class_points(self, k: int) -> Tensor:
+        return self.x[self.y == k]
+
+
+def make_dataset(gmm: GMM, n_per_class: int, seed: int) -> FiniteDataset:
+    """n_per_class exact draws per class from ``gmm`` (the finite training set)."""
+    g = perturb.seeded_generator(seed, 0xDA7A)
+    y = torch.arange(gmm.num_classes).repeat_interleave(n_per_class)
+    return FiniteDataset(gmm.sample(y, g), y)
+
+
+class DataSource(Protocol):
+    def batch(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise schedule
+
+
+@dataclass(frozen=True)
+class VPSchedule:
+    """Discrete VP schedule: x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t in 0..T-1."""
+
+    betas: Tensor  # [T], float64
+
+    @classmethod
+    def scaled_linear(
+        cls, num_steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+    ) -> VPSchedule:
+        """Stable Diffusion's schedule: betas linear in sqrt-space."""
+        b = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
+        return cls(b)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.betas)
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        return torch.cumprod(1.0 - self.betas, dim=0)
+
+    @property
+    def sigmas(self) -> Tensor:
+        """The equivalent VE noise levels sqrt((1 - ab) / ab), increasing with t."""
+        ab = self.alphas_cumprod
+        return ((1.0 - ab) / ab).sqrt()
+
+    def timesteps(self, n: int, spacing: str = "trailing") -> Tensor:
+        """n descending integer timesteps for sampling.
+
+        ``trailing`` starts at T-1 (the spacing that reaches the noisiest step); ``leading`` is SD's
+        DDIM default (arange * T//n, plus offset 1); ``linspace`` rounds linspace(T-1, 0, n).
+        """
+        T = self.num_steps
+        if spacing == "trailing":
+            t = torch.round(torch.arange(T, 0, -T / n, dtype=torch.float64)) - 1
+        elif spacing == "leading":
+            t = torch.arange(n, dtype=torch.float64).flip(0) * (T // n) + 1
+        elif spacing == "linspace":
+            t = torch.round(torch.linspace(T - 1, 0, n, dtype=torch.float64))
+        else:
+            raise ValueError(f"unknown spacing {spacing!r}")
+        return t.long().clamp(0, T - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """SD-style sinusoidal embedding of (possibly fractional) timesteps t [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    args = t.float().unsqueeze(1) * freqs.unsqueeze(0)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class Denoiser(nn.Module):
+    """MLP eps-predictor: eps(x_t, t, c) with c a learned class embedding of width ``emb_dim``.
+
+    Row ``num_classes`` of the embedding table is the null class (for CFG). The table is
+    initialised N(0, 1), so each element has RMS ~1: the scale CEP's gamma/sqrt(d) assumes.
+    """
+
+    def __init__(
+        self, num_classes: int, width: int = 256, depth: int = 3, emb_dim: int = 32, time_dim: int = 32
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.time_dim = time_dim
+        self.class_emb = nn.Embedding(num_classes + 1, emb_dim)
+        layers: list[nn.Module] = []
+        d_in = 2 + time_dim + emb_dim
+        for _ in range(depth):
+            layers += [nn.Linear(d_in, width), nn.SiLU()]
+            d_in = width
+        layers.append(nn.Linear(d_in, 2))
+        self.net = nn.Sequential(*layers)
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def embed(self, labels: Tensor) -> Tensor:
+        return self.class_emb(labels)
+
+    def forward(self, x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
+        """x [B, 2], t [B] (timesteps, may be fractional), emb [B, emb_dim] -> eps [B, 2]."""
+        h = torch.cat([x, sinusoidal_embedding(t, self.time_dim), emb], dim=1)
+        return self.net(h)
+
+
+def make_model(num_classes: int, seed: int, **kwargs: int) -> Denoiser:
+    """A Denoiser whose initial weights depend only on ``seed`` (torch's usual init, own RNG)."""
+    model = Denoiser(num_classes, **kwargs)
+    g = perturb.seeded_generator(seed, 0x1A17)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=g)
+            bound = 1.0 / math.sqrt(m.in_features)
+            nn.init.uniform_(m.bias, -bound, bound, generator=g)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, 1.0, generator=g)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def conditioning(
+    model: Denoiser,
+    labels: Tensor,
+    drop: Tensor,
+    cep: dict | None,
+    cep_gen: torch.Generator | None,
+) -> Tensor:
+    """Class embeddings for a training batch: CFG dropout to the null row, then CEP (if any).
+
+    CEP perturbs every sample's embedding with fresh noise, the null rows included (as the
+    caption-level implementations do: they perturb whatever the text encoder returns) unless
+    ``cep["perturb_null"]`` is False. The noise is a constant w.r.t. the weights, so the gradient
+    flows into the clean embedding unchanged.
+    """
+    labels = torch.where(drop, torch.full_like(labels, model.null_label), labels)
+    emb = model.embed(labels)
+    if not cep:
+        return emb
+    # gamma == 0 returns emb itself and draws no noise: an exact no-op.
+    noisy = perturb.apply_cep(emb, cep["gamma"], cep.get("distribution", "uniform"), "paper", cep_gen)
+    if not cep.get("perturb_null", True):
+        noisy = torch.where(drop.unsqueeze(1), emb, noisy)
+    return noisy
+
+
+def train(
+    model: Denoiser,
+    data: DataSource,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    cep: dict | None = None,
+    schedule: VPSchedule | None = None,
+    cfg_dropout: float = 0.1,
+    weight_decay: float = 0.0,
+) -> list[float]:
+    """Train ``model`` in place on the eps-MSE; returns the per-step losses.
+
+    ``cep``: None, or dict(gamma=..., distribution="uniform"|"gaussian", perturb_null=True). CEP
+    draws from its own generator, so the data, timesteps and noise are the same stream with and
+    without it (a paired comparison), and gamma=0 is bit-identical to no CEP. Never used when
+    sampling. Deterministic given ``seed`` (on one machine and thread count).
+    """
+    schedule = schedule or VPSchedule.scaled_linear()
+    ab = schedule.alphas_cumprod.float()
+    gen = perturb.seeded_generator(seed, 0x7EA1)
+    cep_gen = perturb.seeded_generator(seed, 0xCE9) if cep else None
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        x0, y = data.batch(batch, gen)
+        t = torch.randint(0, schedule.num_steps, (batch,), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        drop = torch.rand(batch, generator=gen) < cfg_dropout
+        a = ab[t].unsqueeze(1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        emb = conditioning(model, y, drop, cep, cep_gen)
+        loss = torch.mean((model(xt, t, emb) - eps) ** 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def guided_eps(model: Denoiser, x: Tensor, t: Tensor, labels: Tensor, cfg_scale: float) -> Tensor:
+    """eps_u + s (eps_c - eps_u); at s == 1 only the conditional pass runs."""
+    cond = model.embed(labels)
+    if cfg_scale == 1.0:
+        return model(x, t, cond)
+    null = model.embed(torch.full_like(labels, model.null_label))
+    eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]))
+    eps_c, eps_u = eps.chunk(2)
+    return eps_u + cfg_scale * (eps_c - eps_u)
+
+
+@torch.no_grad()
+def ddim_sample(
+    model: Denoiser,
+    labels: Tensor,
+    schedule: VPSchedule,
+    timesteps: Sequence[int] | Tensor,
+    generator: torch.Generator,
+    cfg_scale: float = 1.0,
+) -> Tensor:
+    """Deterministic DDIM (eta = 0) from x_T ~ N(0, I) over descending ``timesteps``.
+
+    The last step goes to alpha_bar = 1, i.e. returns the model's x0 prediction there.
+    """
+    ab = schedule.alphas_cumprod.float()
+    ts = torch.as_tensor(timesteps, dtype=torch.long).tolist()
+    x = torch.randn(len(labels), 2, generator=generator)
+    for i, t in enumerate(ts):
+        a_t = ab[t]
+        a_prev = ab[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
+        eps = guided_eps(model, x, torch.full((len(labels),), t), labels, cfg_scale)
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    return x
+
+
+def sample_classes(
+    model: Denoiser,
+    n_per_class: int,
+    schedule: VPSchedule,
+    timesteps: Sequence[int] | Tensor,
+    seed: int,
+    cfg_scale: float = 1.0,
+) -> list[Tensor]:
+    """n_per_class samples for every class, as a list indexed by class."""
+    labels = torch.arange(model.num_classes).repeat_interleave(n_per_class)
+    x = ddim_sample(model, labels, schedule, timesteps, perturb.seeded_generator(seed, 0x5A3), cfg_scale)
+    return list(x.split(n_per_class))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def w2(a: Tensor, b: Tensor) -> float:
+    """Exact W2 between two equal-size point clouds: sqrt of the mean squared matched distance
+    under the optimal one-to-one matching (Hungarian algorithm)."""
+    if len(a) != len(b):
+        raise ValueError(f"w2 needs equal-size samples, got {len(a)} and {len(b)}")
+    cost = torch.cdist(a.double(), b.double()).pow(2).numpy()
+    rows, cols = linear_sum_assignment(cost)
+    return float(np.sqrt(cost[rows, cols].mean()))
+
+
+def kl_entropy(x: Tensor, k: int = 5) -> float:
+    """Kozachenko-Leonenko kNN estimate of differential entropy, in nats.
+
+    H = psi(n) - psi(k) + log V_d + (d / n) sum_i log r_i, r_i the distance to the k-th neighbour.
+    Duplicate points (r = 0) make it -inf, as they should for a degenerate sample.
+    """
+    n, d = x.shape
+    dist = torch.cdist(x.double(), x.double())
+    dist.fill_diagonal_(float("inf"))
+    r = dist.topk(k, dim=1, largest=False).values[:, -1]
+    log_vd = (d / 2) * math.log(math.pi) - gammaln(d / 2 + 1)
+    return float(digamma(n) - digamma(k) + log_vd + d * torch.log(r).mean().item())
+
+
+def per_class_w2(samples: Sequence[Tensor], truth: Sequence[Tensor]) -> float:
+    """Mean over classes of W2(samples[k], truth[k])."""
+    return float(np.mean([w2(s, t) for s, t in zip(samples, truth, strict=True)]))
+
+
+def per_class_entropy(samples: Sequence[Tensor], k: int = 5) -> float:
+    """Mean over classes of the KL entropy of each class's samples."""
+    return float(np.mean([kl_entropy(s, k) for s in samples]))
+
+
+def truth_samples(gmm: GMM, n_per_class: int, seed: int) -> list[Tensor]:
+    """Independent exact draws per class (seed picks the draw)."""
+    g = perturb.seeded_generator(seed, 0x7207)
+    return [gmm.sample_class(k, n_per_class, g) for k in range(gmm.num_classes)]

@@ -1,0 +1,20 @@
+"""ComfyUI glue: V3 nodes, one module per capability, registered through comfy_entrypoint."""
+
+from __future__ import annotations
+
+import logging
+
+from comfy_api.v0_0_2 import ComfyExtension, io
+
+from . import perturb
+
+log = logging.getLogger("supercond")
+
+
+class SupercondExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [*perturb.NODES]
+
+
+async def comfy_entrypoint() -> SupercondExtension:
+    return SupercondExtension()

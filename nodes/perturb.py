@@ -1,0 +1,209 @@
+"""Conditioning perturbation nodes: static CEP, sampling-time CEP and CADS, and their schedule plot."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from comfy_api.v0_0_2 import io, ui
+
+from ..core import perturb
+from . import perturb_hook as hook
+from .model_time import TIME_BASES, sampling_time
+from .plots import line_plot
+
+CATEGORY = "supercond/conditioning"
+
+_GAMMA_TIP = ("Perturbation strength. 0 = exact no-op, 1 = the CEP paper's default. Amplitude is "
+              "gamma/sqrt(d) per token, d the width of each text-encoder segment.")
+_DIST_TIP = "uniform: U(-a, a) (CEP-U); gaussian: N(0, a^2) (CEP-G)."
+_SCALE_TIP = ("paper: amplitude gamma/sqrt(d) as in the paper (assumes unit-RMS embeddings). relative: "
+              "the same in units of the embedding's RMS, so one gamma means the same on every text encoder.")
+_APPLY_TIP = ("tokens: the per-token embeddings (cross-attention); pooled: the pooled embedding "
+              "(SDXL, SD3, Flux; never SDXL's size/crop embeddings); both.")
+_BRANCH_TIP = ("Which prompt is perturbed during sampling. Default positive: the negative (often the "
+               "empty prompt) stays untouched. Zeroed-out conditioning is never touched.")
+_OFFSET_TIP = "Added to the sampler's seed for this node's noise; change it for a different draw at the same seed."
+
+
+def _float(name: str, default: float, lo: float, hi: float, step: float, tip: str) -> io.Float.Input:
+    return io.Float.Input(name, default=default, min=lo, max=hi, step=step, tooltip=tip)
+
+
+class SupercondPerturbConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SupercondPerturbConditioning",
+            display_name="Perturb Conditioning (CEP)",
+            category=CATEGORY,
+            description="Adds slight seeded CEP noise to a CONDITIONING once (static): a variation seed for the prompt.",
+            inputs=[
+                io.Conditioning.Input("conditioning"),
+                _float("gamma", 1.0, 0.0, 100.0, 0.01, _GAMMA_TIP),
+                io.Combo.Input("distribution", options=list(perturb.DISTRIBUTIONS), default="uniform", tooltip=_DIST_TIP),
+                io.Combo.Input("scale", options=list(perturb.SCALE_MODES), default="paper", tooltip=_SCALE_TIP),
+                io.Combo.Input("apply_to", options=list(hook.APPLY_TO), default="tokens", tooltip=_APPLY_TIP),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the noise. Same seed, same conditioning."),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, conditioning, gamma, distribution, scale, apply_to, seed) -> io.NodeOutput:
+        if gamma == 0:
+            return io.NodeOutput(conditioning)
+        out = []
+        for i, (tokens, extra) in enumerate(conditioning):
+            if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
+                shape = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+                raise ValueError(f"conditioning entry {i}: expected token embeddings [batch, tokens, width], got {shape}")
+            extra = dict(extra)
+            if apply_to in ("tokens", "both"):
+                tokens = perturb.apply_cep(tokens, gamma, distribution, scale, perturb.seeded_generator(seed, i, 0))
+            if apply_to in ("pooled", "both"):
+                pooled = extra.get("pooled_output")
+                if pooled is None:
+                    raise ValueError(f"conditioning entry {i} has no pooled_output to perturb; set apply_to to tokens")
+                extra["pooled_output"] = perturb.apply_cep(pooled, gamma, distribution, scale,
+                                                           perturb.seeded_generator(seed, i, 1))
+            out.append([tokens, extra])
+        return io.NodeOutput(out)
+
+
+class SupercondCEP(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SupercondCEP",
+            display_name="CEP During Sampling",
+            category=CATEGORY,
+            description=("Conditional embedding perturbation during sampling: fresh (or fixed) seeded noise on the "
+                         "text conditioning, a distinct draw per batch row, seeded from the sampler's seed."),
+            inputs=[
+                io.Model.Input("model"),
+                _float("gamma", 1.0, 0.0, 100.0, 0.01, _GAMMA_TIP),
+                io.Combo.Input("distribution", options=list(perturb.DISTRIBUTIONS), default="uniform", tooltip=_DIST_TIP),
+                io.Combo.Input("scale", options=list(perturb.SCALE_MODES), default="paper", tooltip=_SCALE_TIP),
+                io.Combo.Input("apply_to", options=list(hook.APPLY_TO), default="tokens", tooltip=_APPLY_TIP),
+                io.Combo.Input("branch", options=list(hook.BRANCHES), default="positive", tooltip=_BRANCH_TIP),
+                io.Combo.Input("resample", options=["every_step", "once_per_run"], default="every_step",
+                               tooltip="every_step: a fresh draw at every model call (as in CEP training); "
+                                       "once_per_run: one draw held for the whole run."),
+                io.Int.Input("seed_offset", default=0, min=0, max=0xFFFFFFFF, tooltip=_OFFSET_TIP),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, gamma, distribution, scale, apply_to, branch, resample, seed_offset) -> io.NodeOutput:
+        if gamma == 0:
+            return io.NodeOutput(model)
+        config = hook.CEPConfig(gamma, distribution, scale, apply_to, branch, resample, seed_offset)
+        return io.NodeOutput(hook.patch_model(model, config))
+
+
+class SupercondCADS(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SupercondCADS",
+            display_name="CADS (Condition-Annealed Sampling)",
+            category=CATEGORY,
+            description=("Condition-annealed diffusion sampling (Sadat et al., ICLR 2024): y' = sqrt(g) y + "
+                         "s sqrt(1-g) n, with g rising from 0 to 1 as sampling progresses from tau2 down to tau1."),
+            inputs=[
+                io.Model.Input("model"),
+                _float("tau1", 0.6, 0.0, 1.0, 0.01, "Below this sampling time (1 = pure noise, 0 = clean) the conditioning is clean."),
+                _float("tau2", 0.9, 0.0, 1.0, 0.01, "Above this sampling time the conditioning is pure noise (g = 0). Must exceed tau1."),
+                _float("noise_scale", 0.25, 0.0, 10.0, 0.01, "s: noise amplitude in units of the embedding (paper default for SD: 0.25)."),
+                _float("psi", 1.0, 0.0, 1.0, 0.01, "Rescale mix: 1 = restore the embedding's mean and std after noising, 0 = raw."),
+                io.Combo.Input("apply_to", options=list(hook.APPLY_TO), default="tokens", tooltip=_APPLY_TIP),
+                io.Combo.Input("branch", options=list(hook.BRANCHES), default="positive", tooltip=_BRANCH_TIP),
+                io.Combo.Input("time_base", options=list(TIME_BASES), default="sigma",
+                               tooltip="sigma: sampling time from the noise level (same for every sampler and step "
+                                       "count); step: 1 - step/steps, as the A1111 extension does."),
+                io.Int.Input("seed_offset", default=0, min=0, max=0xFFFFFFFF, tooltip=_OFFSET_TIP),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, tau1=None, tau2=None, **kwargs) -> bool | str:
+        if tau1 is not None and tau2 is not None and not tau1 < tau2:
+            return f"tau1 ({tau1}) must be smaller than tau2 ({tau2}): noise is full above tau2 and off below tau1."
+        return True
+
+    @classmethod
+    def execute(cls, model, tau1, tau2, noise_scale, psi, apply_to, branch, time_base, seed_offset) -> io.NodeOutput:
+        perturb.cads_gamma(0.0, tau1, tau2)  # raises the clear message for tau1 >= tau2
+        config = hook.CADSConfig(tau1, tau2, noise_scale, psi, apply_to, branch, time_base, seed_offset)
+        return io.NodeOutput(hook.patch_model(model, config))
+
+
+class SupercondPlotPerturbation(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SupercondPlotPerturbation",
+            display_name="Plot Conditioning Noise",
+            category=CATEGORY,
+            description=("Effective noise-to-signal ratio of every Supercond CEP/CADS patch on the MODEL at each "
+                         "step of a schedule (RMS of the noise over RMS of the embedding)."),
+            inputs=[
+                io.Model.Input("model"),
+                io.Sigmas.Input("sigmas", tooltip="The schedule to plot against, e.g. from BasicScheduler."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="Measures the embedding's RMS; without it a unit RMS is assumed."),
+            ],
+            outputs=[io.Image.Output("plot")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, sigmas, conditioning=None) -> io.NodeOutput:
+        configs = hook.installed_configs(model)
+        if not configs:
+            raise ValueError("this MODEL has no Supercond CEP or CADS patch; connect the output of SupercondCEP or SupercondCADS")
+        rms, width = _signal_stats(conditioning)
+        ms = model.get_model_object("model_sampling")
+        sig = sigmas.detach().float().cpu()
+        steps = list(range(max(len(sig) - 1, 1)))
+        series = []
+        for n, cfg in enumerate(configs):
+            ys = [_noise_to_signal(cfg, sampling_time(ms, sig, float(sig[i]), getattr(cfg, "time_base", "sigma")),
+                                   rms, width) for i in steps]
+            series.append((f"{n + 1}: {_describe(cfg)}", steps, ys))
+        image = line_plot(series, "Conditioning noise-to-signal per step", "step", "noise RMS / embedding RMS", logy=True)
+        return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))
+
+
+def _signal_stats(conditioning) -> tuple[float, int]:
+    if not conditioning:
+        return 1.0, 768
+    tokens = conditioning[0][0].float()
+    nz = tokens[tokens != 0]
+    return (float(nz.pow(2).mean().sqrt()) if nz.numel() else 1.0), int(tokens.shape[-1])
+
+
+def _noise_to_signal(cfg, t: float, rms: float, width: int) -> float:
+    if isinstance(cfg, hook.CEPConfig):
+        amp = cfg.gamma / math.sqrt(width) * (rms if cfg.scale == "relative" else 1.0)
+        return perturb.cep_noise_to_signal(amp, cfg.distribution, rms)
+    g = perturb.cads_gamma(t, cfg.tau1, cfg.tau2)
+    return min(perturb.cads_noise_to_signal(g, cfg.noise_scale, rms), 1e3)
+
+
+def _describe(cfg) -> str:
+    if isinstance(cfg, hook.CEPConfig):
+        return f"CEP {cfg.distribution} gamma={cfg.gamma} ({cfg.scale}, {cfg.branch})"
+    return f"CADS tau=({cfg.tau1}, {cfg.tau2}) s={cfg.noise_scale} psi={cfg.psi} ({cfg.time_base})"
+
+
+NODES: list[type[io.ComfyNode]] = [
+    SupercondPerturbConditioning,
+    SupercondCEP,
+    SupercondCADS,
+    SupercondPlotPerturbation,
+]

@@ -1,0 +1,129 @@
+"""Test set-up shared by all tiers.
+
+- The pack is imported as package ``supercond`` from the repository root (whatever its folder is
+  called); the root itself never goes on sys.path, since its ``nodes`` package would shadow
+  ComfyUI's ``nodes`` module.
+- ComfyUI is found through COMFYUI_PATH, the pack's own parent, or ~/comfy/ComfyUI. Without it
+  tiers B-D skip locally, but under CI (CI=true) a missing ComfyUI, Chromium or Playwright fails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _import_pack():
+    if "supercond" in sys.modules:
+        return sys.modules["supercond"]
+    spec = importlib.util.spec_from_file_location(
+        "supercond", REPO / "__init__.py", submodule_search_locations=[str(REPO)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["supercond"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_import_pack()
+from supercond.tools import paths  # noqa: E402
+
+COMFYUI = paths.find_comfyui()
+
+
+def require(what: str, ok: bool, hint: str) -> None:
+    """Skip locally, fail under CI: a missing prerequisite must never pass CI silently."""
+    if ok:
+        return
+    message = f"{what} is not available: {hint}"
+    if IN_CI:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def _setup_comfy_imports(root: Path) -> None:
+    """Make ComfyUI importable in-process the way main.py does it."""
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # before model_management probes for CUDA
+    # main.py imports these first; without it comfy/utils.py shadows the utils package.
+    import utils.extra_config  # noqa: F401
+    import utils.install_util  # noqa: F401
+    import utils.json_util  # noqa: F401
+
+
+@pytest.fixture(scope="session")
+def comfyui() -> Path:
+    require("ComfyUI", COMFYUI is not None,
+            "check it out to ~/comfy/ComfyUI or set COMFYUI_PATH (see README)")
+    return COMFYUI
+
+
+@pytest.fixture(scope="session")
+def comfy(comfyui: Path):
+    """ComfyUI imported in this process (tier B and in-process integration tests)."""
+    _setup_comfy_imports(comfyui)
+    import folder_paths
+
+    return folder_paths
+
+
+@pytest.fixture(scope="session")
+def models_dir(comfyui: Path) -> Path:
+    """Generated fixture checkpoints, cached outside the repository between runs."""
+    out = paths.cache_dir() / "models"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "fixtures.py"), "--comfyui", str(comfyui), "--out", str(out)],
+        capture_output=True, text=True, timeout=1200,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"generating fixture models failed:\n{proc.stderr[-4000:]}", pytrace=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fixture_checkpoints(models_dir: Path) -> dict[str, Path]:
+    found = {p.name: p for p in (models_dir / "checkpoints").glob("*.safetensors")}
+    return {"sd15": found["supercond_sd15_tiny.safetensors"], "sd3": found["supercond_sd3_tiny.safetensors"]}
+
+
+@pytest.fixture(scope="session")
+def server(comfyui: Path, models_dir: Path, tmp_path_factory):
+    """The real ComfyUI server with only this pack loaded (tier C)."""
+    from supercond.tools.server import ComfyServer
+
+    srv = ComfyServer(comfyui, tmp_path_factory.mktemp("comfy"), models_dir=models_dir)
+    srv.start()
+    yield srv
+    alive = srv.alive()
+    srv.stop()
+    assert alive, f"the server died during the tests:\n{srv.log_tail()}"
+
+
+@pytest.fixture()
+def client(server):
+    from supercond.tools.server import ComfyClient
+
+    return ComfyClient(server.url)
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    out = REPO / "tests" / "artifacts"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

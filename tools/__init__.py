@@ -1,0 +1,1 @@
+"""Developer tools: find ComfyUI, generate fixtures, run a server, convert workflows."""
