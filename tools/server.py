@@ -53,6 +53,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pack_import_failed(log_text: str) -> bool:
+    """ComfyUI only logs a failed pack import (the server keeps running), so read the log."""
+    failed = f"(IMPORT FAILED): {PACK_DIR}" in log_text
+    return failed or f"Error while calling comfy_entrypoint in {PACK_DIR}" in log_text
+
+
 class ComfyServer:
     """``python main.py --cpu`` in a subprocess, the pack loaded through extra_model_paths."""
 
@@ -108,7 +114,7 @@ class ComfyServer:
         else:
             self.stop()
             raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f}s:\n{self.log_tail()}")
-        if "IMPORT FAILED" in self.log_text() and str(PACK_DIR) in self.log_text():
+        if pack_import_failed(self.log_text()):
             self.stop()
             raise RuntimeError(f"the pack failed to import:\n{self.log_tail(80)}")
         return self

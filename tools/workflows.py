@@ -42,14 +42,15 @@ def checkpoints_used(prompt: dict) -> list[str]:
             if n.get("class_type") in LOADER_INPUT]
 
 
-def retarget(prompt: dict, checkpoint: str | None = None) -> dict:
-    """Point every checkpoint loader at ``checkpoint``, or at the fixture standing in for its file."""
+def retarget(prompt: dict, mapping: dict[str, str] | None = None) -> dict:
+    """Swap checkpoint file names (by default: each example checkpoint for its generated fixture)."""
+    mapping = FIXTURE_FOR_CHECKPOINT if mapping is None else mapping
     out = copy.deepcopy(prompt)
     for node in out.values():
         key = LOADER_INPUT.get(node.get("class_type"))
         if key:
             name = node["inputs"][key]
-            node["inputs"][key] = checkpoint or FIXTURE_FOR_CHECKPOINT.get(name, name)
+            node["inputs"][key] = mapping.get(name, name)
     return out
 
 

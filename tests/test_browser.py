@@ -1,0 +1,55 @@
+"""Tier D: every example workflow in the real graph editor (headless Chromium): it loads with no
+missing node types, queues from the frontend, runs to success, and leaves a screenshot."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import require
+
+from supercond.tools import paths, workflows
+
+pytestmark = [pytest.mark.comfy, pytest.mark.server, pytest.mark.browser]
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    try:
+        import playwright  # noqa: F401
+        have_playwright = True
+    except ImportError:
+        have_playwright = False
+    require("Playwright", have_playwright, "pip install playwright (the README's set-up does it)")
+    require("Chromium", paths.chromium_path() is not None, "apt-get install chromium")
+    from supercond.tools.browser import open_app
+
+    with open_app(server.url) as p:
+        yield p
+
+
+def test_the_frontend_extension_is_loaded(page):
+    assert page.evaluate("() => window.app.extensions.some(e => e.name === 'supercond.core')")
+
+
+@pytest.mark.parametrize("path", workflows.example_paths(), ids=lambda p: p.stem)
+def test_example_loads_queues_and_succeeds_in_the_editor(page, path, artifacts):
+    from supercond.tools import browser
+
+    wf = workflows.load(path)
+    browser.load_workflow(page, wf)
+    assert browser.missing_node_types(page, wf) == []
+    # What a user does with an example: pick a checkpoint they have; small and quick here.
+    for name, fixture in workflows.FIXTURE_FOR_CHECKPOINT.items():
+        page.evaluate(
+            """([name, fixture]) => { for (const n of window.app.graph._nodes)
+                for (const w of n.widgets || []) if (w.name === 'ckpt_name' && w.value === name) w.value = fixture; }""",
+            [name, fixture],
+        )
+    for latent in ("EmptyLatentImage", "EmptySD3LatentImage"):
+        browser.set_widgets(page, latent, {"width": 64, "height": 64})
+    for sampler in ("KSampler", "BasicScheduler"):
+        browser.set_widgets(page, sampler, {"steps": 3})
+    browser.set_widgets(page, "KSampler", {"seed": 1234})
+    result = browser.queue_and_wait(page)
+    browser.screenshot(page, artifacts / f"browser_{path.stem}.png")
+    assert result["status"] == "success", result
+    assert not page.page_errors, page.page_errors

@@ -1,0 +1,82 @@
+"""Tier B: every node's schema builds in the real ComfyUI, and its public surface is frozen.
+
+Saved workflows store widget values by position, so a renamed, removed or reordered input breaks
+them. ``tests/snapshots/node_info.json`` holds what /object_info serves for each node; to accept
+a deliberate change, run with SUPERCOND_UPDATE_SNAPSHOTS=1 and say why in the commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.comfy
+
+SNAPSHOT = Path(__file__).parent / "snapshots" / "node_info.json"
+
+
+@pytest.fixture(scope="module")
+def node_classes(comfy):
+    from supercond.nodes import comfy_entrypoint
+
+    ext = asyncio.run(comfy_entrypoint())
+    return asyncio.run(ext.get_node_list())
+
+
+def public_surface(info: dict) -> dict:
+    """The parts of node info that saved workflows and API prompts depend on."""
+    inputs = info["input"]
+    return {
+        "input_order": info["input_order"],
+        "input_types": {section: {name: spec[0] if isinstance(spec[0], str) else "COMBO"
+                                  for name, spec in inputs.get(section, {}).items()}
+                        for section in ("required", "optional")},
+        "output": list(info["output"]),
+        "output_name": list(info["output_name"]),
+        "output_node": info["output_node"],
+        "category": info["category"],
+    }
+
+
+def test_ids_and_categories_follow_the_house_rules(node_classes):
+    for cls in node_classes:
+        schema = cls.GET_SCHEMA()
+        assert schema.node_id.startswith("Supercond"), schema.node_id
+        assert schema.category.startswith("supercond/"), schema.category
+        assert schema.description, f"{schema.node_id} has no description"
+
+
+def test_every_widget_has_a_tooltip(node_classes):
+    for cls in node_classes:
+        info = cls.GET_NODE_INFO_V1()
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                opts = spec[1] if len(spec) > 1 else {}
+                widget = not isinstance(spec[0], str) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+                if widget:
+                    assert opts.get("tooltip"), f"{info['name']}.{name} has no tooltip"
+
+
+def test_public_surface_matches_the_snapshot(node_classes):
+    current = {cls.GET_SCHEMA().node_id: public_surface(cls.GET_NODE_INFO_V1()) for cls in node_classes}
+    if os.environ.get("SUPERCOND_UPDATE_SNAPSHOTS") == "1" or not SNAPSHOT.exists():
+        SNAPSHOT.parent.mkdir(exist_ok=True)
+        old = json.loads(SNAPSHOT.read_text()) if SNAPSHOT.exists() else {}
+        SNAPSHOT.write_text(json.dumps({**old, **current}, indent=1, sort_keys=True) + "\n")
+    frozen = json.loads(SNAPSHOT.read_text())
+    for node_id, surface in frozen.items():
+        assert node_id in current, f"node {node_id} was removed: saved workflows using it will break"
+        now = current[node_id]
+        old_order = [n for sec in ("required", "optional") for n in surface["input_order"].get(sec, [])]
+        new_order = [n for sec in ("required", "optional") for n in now["input_order"].get(sec, [])]
+        assert new_order[: len(old_order)] == old_order, (
+            f"{node_id}: inputs renamed, removed or reordered ({old_order} -> {new_order}); "
+            "append new inputs at the end instead")
+        assert now["output"][: len(surface["output"])] == surface["output"], f"{node_id}: outputs changed"
+        for sec, types in surface["input_types"].items():
+            for name, kind in types.items():
+                assert now["input_types"].get(sec, {}).get(name) == kind, f"{node_id}.{name}: type changed"

@@ -1,0 +1,176 @@
+"""Regenerate the example workflows in workflows/ through the real frontend.
+
+Each example is written down once below as a graph; the frontend builds it (``loadApiJson``),
+lays it out, adds a note for the user, and saves the UI-format workflow plus a .jpg thumbnail.
+From then on the UI files are the examples: tests and the run command convert them back with
+``tools/workflows.to_api``. Run after changing an example:
+
+    python tools/author_workflows.py [--only NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+log = logging.getLogger("supercond.author")
+
+SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
+SD3 = "sd3_medium_incl_clips.safetensors"
+PROMPT = "a photograph of a lighthouse on a cliff at sunset, dramatic clouds"
+NEGATIVE = "blurry, low quality"
+
+
+class Graph:
+    """A tiny API-format graph builder: ``g.add(type, **inputs)`` returns the node id."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, dict] = {}
+
+    def add(self, class_type: str, title: str | None = None, **inputs) -> str:
+        node_id = str(len(self.nodes) + 1)
+        self.nodes[node_id] = {"class_type": class_type, "inputs": inputs}
+        if title:
+            self.nodes[node_id]["_meta"] = {"title": title}
+        return node_id
+
+
+def out(node_id: str, slot: int = 0) -> list:
+    return [node_id, slot]
+
+
+def _base(g: Graph, ckpt: str = SD15, width: int = 512, batch: int = 4, latent: str = "EmptyLatentImage"):
+    ck = g.add("CheckpointLoaderSimple", ckpt_name=ckpt)
+    pos = g.add("CLIPTextEncode", "Positive", text=PROMPT, clip=out(ck, 1))
+    neg = g.add("CLIPTextEncode", "Negative", text=NEGATIVE, clip=out(ck, 1))
+    lat = g.add(latent, width=width, height=width, batch_size=batch)
+    return ck, pos, neg, lat
+
+
+def _sample_and_save(g: Graph, model, pos, neg, lat, vae, prefix: str, cfg: float = 7.0,
+                     sampler: str = "euler", scheduler: str = "normal") -> None:
+    ks = g.add("KSampler", model=model, seed=42, steps=20, cfg=cfg, sampler_name=sampler, scheduler=scheduler,
+               positive=pos, negative=neg, latent_image=out(lat), denoise=1.0)
+    dec = g.add("VAEDecode", samples=out(ks), vae=vae)
+    g.add("SaveImage", images=out(dec), filename_prefix=f"supercond/{prefix}")
+
+
+def cep_static() -> tuple[dict, str]:
+    g = Graph()
+    ck, pos, neg, lat = _base(g)
+    pert = g.add("SupercondPerturbConditioning", conditioning=out(pos), gamma=1.0, distribution="uniform",
+                 scale="relative", apply_to="tokens", seed=7)
+    _sample_and_save(g, out(ck), out(pert), out(neg), lat, out(ck, 2), "cep_static")
+    note = ("**Static CEP** adds one seeded draw of slight noise to the prompt's embedding: a variation seed "
+            "for the prompt. Change `seed` on the Perturb node for a different variation at the same sampler "
+            "seed; `gamma` 0 gives exactly the unperturbed image. Pick your SD1.x checkpoint in the loader.")
+    return g.nodes, note
+
+
+def cep_sampling() -> tuple[dict, str]:
+    g = Graph()
+    ck, pos, neg, lat = _base(g)
+    cep = g.add("SupercondCEP", model=out(ck), gamma=1.0, distribution="gaussian", scale="relative",
+                apply_to="tokens", branch="positive", resample="every_step", seed_offset=0)
+    _sample_and_save(g, out(cep), out(pos), out(neg), lat, out(ck, 2), "cep_sampling")
+    sig = g.add("BasicScheduler", model=out(cep), scheduler="normal", steps=20, denoise=1.0)
+    g.add("SupercondPlotPerturbation", model=out(cep), sigmas=out(sig), conditioning=out(pos))
+    note = ("**CEP during sampling**: fresh CEP noise (Chen et al., NeurIPS 2024) on the positive prompt at every "
+            "model call, a distinct draw for each image of the batch, seeded from the KSampler seed (same seed, "
+            "same images). The plot shows the noise-to-signal ratio per step.")
+    return g.nodes, note
+
+
+def cads_sampling() -> tuple[dict, str]:
+    g = Graph()
+    ck, pos, neg, lat = _base(g)
+    cads = g.add("SupercondCADS", model=out(ck), tau1=0.6, tau2=0.9, noise_scale=0.25, psi=1.0,
+                 apply_to="tokens", branch="positive", time_base="sigma", seed_offset=0)
+    _sample_and_save(g, out(cads), out(pos), out(neg), lat, out(ck, 2), "cads_sampling")
+    sig = g.add("BasicScheduler", model=out(cads), scheduler="normal", steps=20, denoise=1.0)
+    g.add("SupercondPlotPerturbation", model=out(cads), sigmas=out(sig), conditioning=out(pos))
+    note = ("**CADS** (Sadat et al., ICLR 2024): the prompt is replaced by noise early in sampling (sampling time "
+            "above tau2), clean late (below tau1), linearly annealed between, for more diverse images of one "
+            "prompt. Compare a batch with and without it (bypass the node with Ctrl+B).")
+    return g.nodes, note
+
+
+def cads_flow_sd3() -> tuple[dict, str]:
+    g = Graph()
+    ck, pos, neg, lat = _base(g, ckpt=SD3, width=1024, batch=2, latent="EmptySD3LatentImage")
+    cads = g.add("SupercondCADS", model=out(ck), tau1=0.6, tau2=0.9, noise_scale=0.25, psi=1.0,
+                 apply_to="both", branch="positive", time_base="sigma", seed_offset=0)
+    _sample_and_save(g, out(cads), out(pos), out(neg), lat, out(ck, 2), "cads_sd3", cfg=4.5,
+                     scheduler="sgm_uniform")
+    note = ("**CADS on a flow model (SD3)**: the schedule follows the sampling time computed from sigma, so "
+            "flow models (whose timestep is sigma itself) get the same annealing as SD1.x. `apply_to` both also "
+            "noises the pooled embedding.")
+    return g.nodes, note
+
+
+EXAMPLES: dict[str, Callable[[], tuple[dict, str]]] = {
+    "cep_static": cep_static,
+    "cep_sampling": cep_sampling,
+    "cads_sampling": cads_sampling,
+    "cads_flow_sd3": cads_flow_sd3,
+}
+
+
+def _import_tools():
+    spec = importlib.util.spec_from_file_location("supercond", REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["supercond"] = module
+    spec.loader.exec_module(module)
+    from supercond.tools import browser, paths, server
+    return browser, paths, server
+
+
+def author(names: list[str]) -> None:
+    browser, paths, server = _import_tools()
+    comfyui = paths.find_comfyui()
+    if comfyui is None:
+        raise SystemExit("ComfyUI not found: set COMFYUI_PATH")
+    with tempfile.TemporaryDirectory() as tmp, server.ComfyServer(comfyui, Path(tmp)) as srv, \
+            browser.open_app(srv.url) as page:
+        for name in names:
+            api, note = EXAMPLES[name]()
+            page.evaluate("(api) => window.app.loadApiJson(api, 'example')", api)
+            page.evaluate(
+                """(text) => {
+                    const note = window.LiteGraph.createNode("MarkdownNote");
+                    note.widgets[0].value = text;
+                    note.pos = [0, -260]; note.size = [520, 200];
+                    window.app.graph.add(note);
+                    // Examples should reproduce: keep seeds fixed rather than randomized after each run.
+                    for (const nd of window.app.graph._nodes)
+                        for (const w of nd.widgets || []) if (w.name === "control_after_generate") w.value = "fixed";
+                    window.app.canvas.ds.offset = [40, 300]; window.app.canvas.ds.scale = 0.75;
+                    window.app.graph.setDirtyCanvas(true, true);
+                }""",
+                note,
+            )
+            workflow = page.evaluate("() => window.app.graph.serialize()")
+            path = REPO / "workflows" / f"{name}.json"
+            path.write_text(json.dumps(workflow, indent=1) + "\n")
+            browser.screenshot(page, path.with_suffix(".jpg"), quality=70)
+            log.info("wrote %s and its thumbnail", path.relative_to(REPO))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", choices=sorted(EXAMPLES), help="examples to regenerate (default all)")
+    args = ap.parse_args()
+    author(args.only or list(EXAMPLES))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Drive the real ComfyUI frontend in headless Chromium (Playwright on Debian's chromium)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from .paths import chromium_path
+
+log = logging.getLogger("supercond.tools.browser")
+
+
+@contextmanager
+def open_app(url: str, width: int = 1600, height: int = 1000):
+    """A page with the ComfyUI app loaded and the first-run template dialog suppressed."""
+    from playwright.sync_api import sync_playwright
+
+    exe = chromium_path()
+    if exe is None:
+        raise RuntimeError("Chromium not found: install Debian's chromium package (apt-get install chromium)")
+    requests.post(f"{url}/settings/Comfy.TutorialCompleted", data=json.dumps(True), timeout=10)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": width, "height": height})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url)
+        page.wait_for_function("() => window.app?.extensionManager && window.app.graph", timeout=90_000)
+        page.wait_for_function("() => window.supercond?.loaded === true", timeout=30_000)
+        page.page_errors = errors  # type: ignore[attr-defined]
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def load_workflow(page: Any, workflow: dict) -> None:
+    page.evaluate("async (wf) => { await window.app.loadGraphData(wf, true, true, null, "
+                  "{showMissingNodesDialog: false, showMissingModelsDialog: false}); }", workflow)
+
+
+def missing_node_types(page: Any, workflow: dict) -> list[str]:
+    types = sorted({n["type"] for n in workflow.get("nodes", [])})
+    return page.evaluate("(types) => types.filter(t => !window.LiteGraph.registered_node_types[t])", types)
+
+
+def set_widgets(page: Any, node_type: str, values: dict[str, Any]) -> int:
+    """Set widget values on every node of a type, as a user would; returns how many nodes changed."""
+    return page.evaluate(
+        """([type, values]) => {
+            let n = 0;
+            for (const node of window.app.graph._nodes.filter(nd => nd.type === type)) {
+                for (const w of node.widgets || []) if (w.name in values) { w.value = values[w.name]; n++; }
+            }
+            window.app.graph.setDirtyCanvas(true, true);
+            return n;
+        }""",
+        [node_type, values],
+    )
+
+
+def queue_and_wait(page: Any, timeout_ms: int = 600_000) -> dict:
+    """Queue the loaded graph from the frontend and wait for success or error of that prompt."""
+    return page.evaluate(
+        """(timeout) => new Promise((resolve) => {
+            const api = window.app.api;
+            const done = (status, detail) => { clearTimeout(timer); resolve({status, detail}); };
+            const timer = setTimeout(() => done("timeout", null), timeout);
+            api.addEventListener("execution_success", (e) => done("success", e.detail), {once: true});
+            api.addEventListener("execution_error", (e) => done("error", e.detail), {once: true});
+            window.app.queuePrompt(0, 1).then((ok) => { if (ok === false) done("rejected", null); });
+        })""",
+        timeout_ms,
+    )
+
+
+def graph_to_api(page: Any) -> dict:
+    return page.evaluate("async () => (await window.app.graphToPrompt()).output")
+
+
+def screenshot(page: Any, path: Path, quality: int | None = None) -> Path:
+    page.evaluate("() => window.app.canvas.ds && window.app.graph.setDirtyCanvas(true, true)")
+    page.wait_for_timeout(300)
+    kwargs = {"type": "jpeg", "quality": quality or 80} if path.suffix == ".jpg" else {}
+    page.screenshot(path=str(path), **kwargs)
+    return path
