@@ -50,19 +50,6 @@ def require(what: str, ok: bool, hint: str) -> None:
     pytest.skip(message)
 
 
-def _setup_comfy_imports(root: Path) -> None:
-    """Make ComfyUI importable in-process the way main.py does it."""
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True  # before model_management probes for CUDA
-    # main.py imports these first; without it comfy/utils.py shadows the utils package.
-    import utils.extra_config  # noqa: F401
-    import utils.install_util  # noqa: F401
-    import utils.json_util  # noqa: F401
-
-
 @pytest.fixture(scope="session")
 def comfyui() -> Path:
     require("ComfyUI", COMFYUI is not None,
@@ -73,7 +60,9 @@ def comfyui() -> Path:
 @pytest.fixture(scope="session")
 def comfy(comfyui: Path):
     """ComfyUI imported in this process (tier B and in-process integration tests)."""
-    _setup_comfy_imports(comfyui)
+    from supercond.tools.inprocess import setup_comfy_imports
+
+    setup_comfy_imports(comfyui)
     import folder_paths
 
     return folder_paths
