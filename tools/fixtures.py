@@ -8,7 +8,9 @@ Two single-file checkpoints, both loadable by ``CheckpointLoaderSimple``
 * ``supercond_sd3_tiny.safetensors``: SD3 (flow matching). A depth-2 MMDiT, full-size CLIP-L
   as the only text encoder, full-size 16-channel SD3 VAE.
 
-Weights are random but deterministic (fixed seed per model) and stored as fp16.
+Weights are random but deterministic (fixed seed per model, byte-identical files) and stored
+as fp16. ``--check`` loads each file with ComfyUI's loader, encodes two prompts, samples 4
+steps at 64 px and decodes, and loads both through the CheckpointLoaderSimple node.
 
 Usage::
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -41,7 +44,7 @@ if TYPE_CHECKING:
 # Bump whenever generation changes (architecture, init, dtype, keys): invalidates every cache.
 FIXTURE_VERSION = 1
 SEED = 20240601
-# Std of the noise that replaces all-zero weights (zero-initialised output layers).
+# Std of the noise given to weights that would otherwise be entirely zero.
 ZERO_WEIGHT_STD = 0.02
 STAMP_NAME = ".supercond-fixtures.json"
 FILES = {
@@ -158,6 +161,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        tmp.chmod(0o644)  # safetensors creates its files 0600
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -169,11 +173,11 @@ def write_stamp(ckpt_dir: Path, stamp: dict[str, Any]) -> None:
     write_atomically(ckpt_dir / STAMP_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def ensure_fixtures(comfyui: Path, out: Path, force: bool = False) -> dict[str, Path]:
+def ensure_fixtures(comfyui: Path, out: Path, *, force: bool = False) -> dict[str, Path]:
     """Make sure ``out/checkpoints`` holds current fixtures; return {"sd15": path, "sd3": path}.
 
-    Regenerates everything when the stamp (FIXTURE_VERSION, ComfyUI version) differs or a file
-    is missing; otherwise touches neither torch nor ComfyUI.
+    Regenerates everything when forced, when the stamp (FIXTURE_VERSION, ComfyUI version)
+    differs or when a file is missing; otherwise imports neither torch nor ComfyUI.
     """
     comfyui = Path(comfyui).expanduser().resolve()
     ckpt_dir = Path(out).expanduser().resolve() / "checkpoints"
@@ -206,17 +210,15 @@ def setup_comfy(comfyui: Path) -> None:
     if path in sys.path:
         sys.path.remove(path)
     sys.path.insert(0, path)
+    import comfy.cli_args  # argparse defaults only; imports nothing heavy
+
     if "comfy.model_management" in sys.modules:
         # Someone set ComfyUI up already (e.g. a test session): keep its device choice.
         # Generation builds everything on the CPU explicitly, so that is harmless.
         log.debug("comfy.model_management already imported; not forcing --cpu")
     else:
-        import comfy.cli_args
-
         # Otherwise model_management probes CUDA on import.
         comfy.cli_args.args.cpu = True
-    import comfy.cli_args
-
     # comfy is a namespace package (no __file__): locate it through a module.
     loaded_from = Path(comfy.cli_args.__file__).resolve().parent.parent
     if loaded_from != comfyui:
@@ -229,8 +231,8 @@ def setup_comfy(comfyui: Path) -> None:
 def torch_reset(module: torch.nn.Module) -> bool:
     """Run torch's own reset_parameters on a layer.
 
-    ComfyUI's ops (comfy.ops.disable_weight_init) override reset_parameters with a no-op, which
-    leaves torch.empty() memory: we call the torch.nn base class's version instead.
+    ComfyUI's ops (comfy.ops.disable_weight_init) override reset_parameters with a no-op, so
+    we call the torch.nn base class's version instead.
     """
     for cls in type(module).__mro__:
         if cls.__module__.startswith("torch.nn.") and "reset_parameters" in vars(cls):
@@ -239,28 +241,58 @@ def torch_reset(module: torch.nn.Module) -> bool:
     return False
 
 
-def init_weights(model: torch.nn.Module) -> None:
-    """Deterministic random init of every parameter.
+@contextmanager
+def nan_filled_empty() -> Iterator[None]:
+    """Make torch.empty() return NaN, so weights the constructor never set are recognisable.
 
-    Each layer gets torch's default init; bare parameters get small noise; any weight that is
-    still entirely zero (zero-initialised output layers, as the original training code had)
-    gets N(0, ZERO_WEIGHT_STD), so the output depends on the conditioning.
+    ComfyUI skips weight init (the loader overwrites everything), leaving torch.empty memory,
+    which is neither random nor reproducible. NaN marks "never set" apart from values a
+    constructor sets on purpose (constants, zero inits), which init_weights keeps.
+    """
+    import torch
+    import torch.utils.deterministic
+
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_filling = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = was_filling
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def init_weights(model: torch.nn.Module) -> None:
+    """Deterministic random init of every parameter the constructor left unset (NaN).
+
+    Layers get torch's default init, bare parameters small noise. Any weight that is entirely
+    zero gets N(0, ZERO_WEIGHT_STD): a zero output layer would make the output ignore the
+    conditioning. (ComfyUI's copies of openaimodel and MMDiT dropped zero_module and the zero
+    adaLN init, so today nothing is zero; the pass guards against constructors that change.)
     """
     import torch
 
-    covered: set[int] = set()
     with torch.no_grad():
         for module in model.modules():
-            if torch_reset(module):
-                covered.update(id(p) for p in module.parameters(recurse=False))
+            if any(is_unset(p) for p in module.parameters(recurse=False)):
+                torch_reset(module)
         for name, param in model.named_parameters():
-            if id(param) not in covered:
+            total = float(param.abs().sum())  # one pass: NaN if unset, 0 if all zero
+            if math.isnan(total):
                 log.debug("bare parameter %s: N(0, %s)", name, ZERO_WEIGHT_STD)
                 param.normal_(0.0, ZERO_WEIGHT_STD)
-        for name, param in model.named_parameters():
-            if name.endswith("weight") and not param.any():
+            elif total == 0.0 and name.endswith("weight"):
                 log.debug("all-zero weight %s: N(0, %s)", name, ZERO_WEIGHT_STD)
                 param.normal_(0.0, ZERO_WEIGHT_STD)
+    unset = [name for name, t in model.state_dict().items() if t.is_floating_point() and is_unset(t)]
+    if unset:
+        raise RuntimeError(f"tensors left uninitialised: {unset[:5]}")
+
+
+def is_unset(tensor: torch.Tensor) -> bool:
+    """Any NaN left from nan_filled_empty (a sum is one cheap pass; NaN propagates)."""
+    return math.isnan(float(tensor.sum()))
 
 
 def build(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -268,7 +300,8 @@ def build(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     import torch
 
     torch.manual_seed(SEED)
-    model = factory()
+    with nan_filled_empty():
+        model = factory()
     init_weights(model)
     return model.eval()
 
@@ -358,19 +391,29 @@ def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], key: str) -
     import torch
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in state_dict.items()}
-    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    def fits_fp16(tensor: torch.Tensor) -> bool:
+        # In fp32 (fp16 math is slow on CPU); NaN fails both comparisons, inf the bound.
+        low, high = torch.aminmax(tensor)
+        return bool(low >= -fp16_max) and bool(high <= fp16_max)
+
+    fp16_max = torch.finfo(torch.float16).max
+    bad = [k for k, v in state_dict.items() if not fits_fp16(v)]
     if bad:
-        raise RuntimeError(f"non-finite weights in {key}: {bad[:5]}")
-    metadata = {"supercond_fixture": key, "supercond_fixture_version": str(FIXTURE_VERSION)}
+        raise RuntimeError(f"weights not representable in fp16 in {key}: {bad[:5]}")
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in state_dict.items()}
+    # One metadata entry only: safetensors writes its metadata map in random (hash) order,
+    # so two entries would make otherwise identical files differ byte-wise.
+    metadata = {"supercond_fixture": json.dumps({"name": key, "version": FIXTURE_VERSION})}
     write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 # --------------------------------------------------------------------------- check
 
-EXPECTED_MODEL_TYPE = {"sd15": "EPS", "sd3": "FLOW"}
+# model.model.model_type and the model_sampling class ComfyUI must pick for each file.
+EXPECTED = {"sd15": ("EPS", "ModelSamplingDiscrete"), "sd3": ("FLOW", "ModelSamplingDiscreteFlow")}
 CHECK_STEPS = 4
 CHECK_PX = 64
+MAX_MODEL_SPACE_ABS = 100.0
 
 
 def require(condition: bool, message: str) -> None:
@@ -404,32 +447,49 @@ def sample_latent(model: Any, positive: Any, negative: Any, seed: int) -> torch.
     )
 
 
-def check_checkpoint(key: str, path: Path) -> dict[str, Any]:
-    """Load with the real loader, sample, decode; raise FixtureCheckError on any problem."""
+def load_and_check_type(key: str, path: Path) -> tuple[Any, Any, Any]:
+    """comfy.sd.load_checkpoint_guess_config, plus the model type and sampling ComfyUI detected."""
+    import comfy.model_sampling
     import comfy.sd
+
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+    require(clip is not None and vae is not None, f"{key}: loader returned no CLIP or VAE")
+    want_type, want_sampling = EXPECTED[key]
+    model_type = model.model.model_type.name
+    require(model_type == want_type, f"{key}: model type {model_type}, want {want_type}")
+    sampling = model.get_model_object("model_sampling")
+    require(
+        isinstance(sampling, getattr(comfy.model_sampling, want_sampling)),
+        f"{key}: model sampling {type(sampling).__mro__[1].__name__}, want {want_sampling}",
+    )
+    return model, clip, vae
+
+
+def check_checkpoint(key: str, path: Path) -> dict[str, Any]:
+    """Load with the real loader, encode, sample, decode; raise FixtureCheckError on any problem."""
     import torch
 
     timings: dict[str, float] = {}
-    with timed("load_s", timings):
-        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
-    require(clip is not None and vae is not None, f"{key}: loader returned no CLIP or VAE")
-    model_type = model.model.model_type.name
-    require(model_type == EXPECTED_MODEL_TYPE[key], f"{key}: model type {model_type}, want {EXPECTED_MODEL_TYPE[key]}")
-    sampling = type(model.get_model_object("model_sampling")).__mro__[1].__name__
+    # ComfyUI runs nodes under inference_mode; without it the VAE output would track grads.
+    with torch.inference_mode():
+        with timed("load_s", timings):
+            model, clip, vae = load_and_check_type(key, path)
 
-    def encode(text: str) -> Any:
-        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        def encode(text: str) -> Any:
+            return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
-    with timed("encode_s", timings):
-        cat, dog, empty = encode("a cat"), encode("a photo of a dog on the beach"), encode("")
-    require(not torch.equal(cat[0][0], dog[0][0]), f"{key}: CLIP gives the same embedding for two prompts")
+        with timed("encode_3_prompts_s", timings):
+            cat, dog, empty = encode("a cat"), encode("a photo of a dog on the beach"), encode("")
+        require(not torch.equal(cat[0][0], dog[0][0]), f"{key}: CLIP gives the same embedding for two prompts")
 
-    with timed("sample_4_steps_64px_s", timings):
-        latent = sample_latent(model, cat, empty, seed=1)
-    other_prompt = sample_latent(model, dog, empty, seed=1)
-    other_seed = sample_latent(model, cat, empty, seed=2)
-    with timed("decode_s", timings):
-        image = vae.decode(latent)
+        # The first run also moves the model to its load device; the second one is warm.
+        with timed("sample_4_steps_64px_first_s", timings):
+            latent = sample_latent(model, cat, empty, seed=1)
+        with timed("sample_4_steps_64px_warm_s", timings):
+            other_prompt = sample_latent(model, dog, empty, seed=1)
+        other_seed = sample_latent(model, cat, empty, seed=2)
+        with timed("decode_s", timings):
+            image = vae.decode(latent)
 
     for name, tensor in {"latent": latent, "image": image}.items():
         require(bool(torch.isfinite(tensor).all()), f"{key}: non-finite {name}")
@@ -438,12 +498,17 @@ def check_checkpoint(key: str, path: Path) -> dict[str, Any]:
     seed_diff = relative_difference(latent, other_seed)
     require(prompt_diff > 1e-3, f"{key}: latent barely depends on the prompt ({prompt_diff:.2e})")
     require(seed_diff > 1e-3, f"{key}: latent barely depends on the seed ({seed_diff:.2e})")
+    # What the diffusion model sees (scaled latent space). A random EPS model never removes the
+    # initial sigma_max-sized noise, so sd15 ends near std 14.6 (sigma_max); more means blow-up.
+    model_space = model.get_model_object("latent_format").process_in(latent)
+    require(float(model_space.abs().max()) < MAX_MODEL_SPACE_ABS, f"{key}: latent blew up")
     return {
-        "model_type": model_type,
-        "model_sampling": sampling,
-        "latent_std": round(float(latent.std()), 4),
-        "latent_absmax": round(float(latent.abs().max()), 4),
-        "image_mean": round(float(image.mean()), 4),
+        "model_type": model.model.model_type.name,
+        "model_sampling": EXPECTED[key][1],
+        "latent_std": round(float(latent.std()), 3),
+        "latent_std_model_space": round(float(model_space.std()), 3),
+        "latent_absmax": round(float(latent.abs().max()), 3),
+        "image_mean": round(float(image.mean()), 3),
         "prompt_rel_diff": round(prompt_diff, 4),
         "seed_rel_diff": round(seed_diff, 4),
         **timings,
