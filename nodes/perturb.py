@@ -164,8 +164,6 @@ class SupercondPlotPerturbation(io.ComfyNode):
     @classmethod
     def execute(cls, model, sigmas, conditioning=None) -> io.NodeOutput:
         configs = hook.installed_configs(model)
-        if not configs:
-            raise ValueError("this MODEL has no Supercond CEP or CADS patch; connect the output of SupercondCEP or SupercondCADS")
         rms, width = _signal_stats(conditioning)
         ms = model.get_model_object("model_sampling")
         sig = sigmas.detach().float().cpu()
@@ -175,6 +173,8 @@ class SupercondPlotPerturbation(io.ComfyNode):
             ys = [_noise_to_signal(cfg, sampling_time(ms, sig, float(sig[i]), getattr(cfg, "time_base", "sigma")),
                                    rms, width) for i in steps]
             series.append((f"{n + 1}: {_describe(cfg)}", steps, ys))
+        if not series:  # e.g. gamma 0, which leaves the MODEL unpatched: show that, don't fail
+            series.append(("no Supercond CEP/CADS patch on this MODEL", steps, [0.0] * len(steps)))
         image = line_plot(series, "Conditioning noise-to-signal per step", "step", "noise RMS / embedding RMS", logy=True)
         return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))
 
@@ -198,7 +198,8 @@ def _noise_to_signal(cfg, t: float, rms: float, width: int) -> float:
 def _describe(cfg) -> str:
     if isinstance(cfg, hook.CEPConfig):
         return f"CEP {cfg.distribution} gamma={cfg.gamma} ({cfg.scale}, {cfg.branch})"
-    return f"CADS tau=({cfg.tau1}, {cfg.tau2}) s={cfg.noise_scale} psi={cfg.psi} ({cfg.time_base})"
+    return (f"CADS tau=({cfg.tau1}, {cfg.tau2}) s={cfg.noise_scale} psi={cfg.psi} ({cfg.time_base}); "
+            "1e3 = pure noise")
 
 
 NODES: list[type[io.ComfyNode]] = [

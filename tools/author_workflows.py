@@ -157,7 +157,8 @@ def author(names: list[str]) -> None:
                 }""",
                 note,
             )
-            workflow = page.evaluate("() => window.app.graph.serialize()")
+            # Stringify in the page: undefined fields must vanish, not come back as null.
+            workflow = json.loads(page.evaluate("() => JSON.stringify(window.app.graph.serialize())"))
             path = REPO / "workflows" / f"{name}.json"
             path.write_text(json.dumps(workflow, indent=1) + "\n")
             browser.screenshot(page, path.with_suffix(".jpg"), quality=70)

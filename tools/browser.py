@@ -28,10 +28,16 @@ def open_app(url: str, width: int = 1600, height: int = 1000):
         browser = pw.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": width, "height": height})
         errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("pageerror", lambda e: errors.append(f"{e}\n{getattr(e, 'stack', '')}"))
         page.goto(url)
         page.wait_for_function("() => window.app?.extensionManager && window.app.graph", timeout=90_000)
         page.wait_for_function("() => window.supercond?.loaded === true", timeout=30_000)
+        # Errors the frontend raises while starting (e.g. frontend 1.27.10 throws one while
+        # registering its core settings) are not ours: keep them apart, logged.
+        page.startup_errors = list(errors)  # type: ignore[attr-defined]
+        for e in page.startup_errors:
+            log.warning("frontend error during start-up: %s", e.splitlines()[0])
+        errors.clear()
         page.page_errors = errors  # type: ignore[attr-defined]
         try:
             yield page
@@ -65,15 +71,38 @@ def set_widgets(page: Any, node_type: str, values: dict[str, Any]) -> int:
 
 
 def queue_and_wait(page: Any, timeout_ms: int = 600_000) -> dict:
-    """Queue the loaded graph from the frontend and wait for success or error of that prompt."""
+    """Queue the loaded graph as the Run button does; wait for that prompt's success or error.
+
+    The /prompt response is captured around ``api.queuePrompt``: ``app.queuePrompt``'s own return
+    value cannot tell (frontend 1.27.10 returns ``!node_errors``, false for the ``{}`` of a success).
+    """
     return page.evaluate(
         """(timeout) => new Promise((resolve) => {
             const api = window.app.api;
-            const done = (status, detail) => { clearTimeout(timer); resolve({status, detail}); };
+            let promptId = null;
+            const pending = [];
+            const done = (status, detail) => { clearTimeout(timer); resolve({status, detail, promptId}); };
             const timer = setTimeout(() => done("timeout", null), timeout);
-            api.addEventListener("execution_success", (e) => done("success", e.detail), {once: true});
-            api.addEventListener("execution_error", (e) => done("error", e.detail), {once: true});
-            window.app.queuePrompt(0, 1).then((ok) => { if (ok === false) done("rejected", null); });
+            const onEnd = (status) => (e) => {
+                if (promptId === null) pending.push([status, e.detail]);
+                else if (e.detail?.prompt_id === promptId) done(status, e.detail);
+            };
+            api.addEventListener("execution_success", onEnd("success"));
+            api.addEventListener("execution_error", onEnd("error"));
+            const original = api.queuePrompt;
+            api.queuePrompt = async function (...args) {
+                api.queuePrompt = original;
+                try {
+                    const res = await original.apply(api, args);
+                    promptId = res.prompt_id;
+                    for (const [status, detail] of pending) if (detail?.prompt_id === promptId) done(status, detail);
+                    return res;
+                } catch (err) {
+                    done("rejected", String(err?.message ?? err));
+                    throw err;
+                }
+            };
+            window.app.queuePrompt(0, 1);
         })""",
         timeout_ms,
     )
