@@ -1,0 +1,377 @@
+"""Single-pass superconditioned sampling through ComfyUI's keyed wrappers.
+
+Three wrappers per patched MODEL, all under one key so they stack with other packs' wrappers:
+- OUTER_SAMPLE opens a run: a ``RunState`` object (the head, the schedule, the chunks filed by
+  the model call) placed in ``transformer_options``. An object, not a dict: ComfyUI copies the
+  dicts and lists of ``transformer_options`` on every model call, an object stays shared.
+- CALC_COND_BATCH, on a step that uses the head, sends only the conditional entries to the model
+  and rebuilds the unconditional result from the head's chunks (by uuid, with the entries' own
+  area and mask), so the stock ``sampling_function``, every pre/post-cfg node and the runtime
+  cfg scale work unchanged. cfg 1, real-CFG steps and three-branch guiders pass through.
+- APPLY_MODEL captures the features of that one diffusion-model call with module hooks that
+  live only for the call, runs the head, turns its output into a denoised prediction with the
+  model's own ``calculate_denoised`` (eps, v, flow alike) and files it per cond uuid.
+A UNet trained with doubled output channels (seed 003's layout, cond first) is split on every
+call, whether or not the step uses guidance.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core import heads as core_heads
+from ..core.singlepass import blend, split_doubled, step_index
+
+log = logging.getLogger("supercond.singlepass")
+
+KEY = "supercond.singlepass"
+ATTACHMENT = "supercond_head"
+NEGATIVE_MODES: tuple[str, ...] = ("head", "real_cfg")
+
+
+class HookError(ValueError):
+    """The MODEL, head or conditioning cannot be served; the message says why."""
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    final: str               # the final projection
+    block: str | None        # the last block (last_block heads)
+    block_entry: str | None  # the module whose inputs are the last block's inputs
+
+
+ARCHS = {
+    "UNetModel": Arch("unet", "out", "output_blocks.-1", "output_blocks.-1.0"),
+    "MMDiT": Arch("mmdit", "final_layer", "joint_blocks.-1", "joint_blocks.-1"),
+    "Flux": Arch("flux", "final_layer", None, None),
+}
+
+
+def arch_of(net: nn.Module) -> Arch:
+    for cls in type(net).__mro__:
+        if cls.__name__ in ARCHS:
+            return ARCHS[cls.__name__]
+    raise HookError(f"single-pass heads support {sorted(ARCHS)} diffusion models; this one is {type(net).__name__}")
+
+
+def resolve(net: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The module at a dotted path (negative indices allowed) and its canonical path."""
+    mod, parts = net, []
+    for p in path.split("."):
+        if p.lstrip("-").isdigit():
+            i = int(p) % len(mod)
+            mod, p = mod[i], str(i)
+        else:
+            mod = getattr(mod, p)
+        parts.append(p)
+    return mod, ".".join(parts)
+
+
+def prediction_of(model_sampling: Any) -> str:
+    import comfy.model_sampling as ms
+
+    for cls, name in ((ms.EDM, "edm"), (ms.V_PREDICTION, "v"), (ms.CONST, "flow"), (ms.X0, "x0"), (ms.EPS, "eps")):
+        if isinstance(model_sampling, cls):
+            return name
+    return type(model_sampling).__name__.lower()
+
+
+def model_spec(model: Any, head_type: str) -> core_heads.HeadSpec:
+    """What a head of ``head_type`` must be to fit this MODEL."""
+    bm = model.model
+    net = bm.diffusion_model
+    arch = arch_of(net)
+    if head_type == "last_block" and arch.block is None:
+        raise HookError(f"a last_block head is not available for {arch.name} models; use head = projection")
+    features = arch.final if head_type == "projection" else arch.block
+    if arch.name == "unet":
+        entry = net.out[0] if head_type == "projection" else resolve(net, arch.block_entry)[0]
+        width = int(getattr(entry, "num_channels", None) or entry.channels)
+    else:
+        width = int(net.final_layer.linear.in_features)
+    return core_heads.HeadSpec(type(bm.model_config).__name__, prediction_of(bm.model_sampling), features,
+                               head_type, width)
+
+
+def native_two_head(model: Any) -> bool:
+    """True for a diffusion model with twice the latent channels as output (seed 003's layout)."""
+    bm = model.model
+    out = getattr(bm.diffusion_model, "out_channels", None)
+    return out is not None and out == 2 * bm.latent_format.latent_channels
+
+
+def _base_copy(model: Any, path: str) -> nn.Module:
+    """A detached copy of a diffusion-model module with the checkpoint's own (unpatched) weights."""
+    src, canon = resolve(model.model.diffusion_model, path)
+    mod = copy.deepcopy(src)
+    backup = getattr(model, "backup", {})
+    with torch.no_grad():
+        for name, p in mod.named_parameters():
+            saved = backup.get(f"diffusion_model.{canon}.{name}")
+            if saved is not None:  # a LoRA is patched in place right now: take the original
+                p.copy_(saved.weight)
+    for sub in mod.modules():  # lowvram weight patches belong to the model, not the head
+        for attr in ("weight_function", "bias_function"):
+            if hasattr(sub, attr):
+                setattr(sub, attr, [])
+    return mod.requires_grad_(False)
+
+
+def new_head(model: Any, head_type: str) -> core_heads.SecondHead:
+    """A fresh head: copies of the base weights, so it predicts the conditional output (delta 0)."""
+    if head_type not in core_heads.HEAD_TYPES:
+        raise HookError(f"head must be one of {list(core_heads.HEAD_TYPES)}, got {head_type!r}")
+    spec = model_spec(model, head_type)
+    arch = arch_of(model.model.diffusion_model)
+    block = _base_copy(model, arch.block) if head_type == "last_block" else None
+    return core_heads.SecondHead(spec, _base_copy(model, arch.final), block)
+
+
+def head_from_file(model: Any, path: str, name: str | None = None) -> core_heads.SecondHead:
+    name = name or str(path)
+    spec, tensors = core_heads.read_head_file(path)
+    want = model_spec(model, spec.head_type)
+    misfit = spec.misfit(want)
+    if misfit:
+        raise HookError(f"head {name} does not fit this model ({want.family}, {want.prediction}): {misfit}")
+    return core_heads.load_state(new_head(model, spec.head_type), tensors, where=name)
+
+
+def attach_head(model: Any, head: core_heads.SecondHead) -> Any:
+    m = model.clone()
+    m.set_attachments(ATTACHMENT, head)
+    return m
+
+
+def head_of(model: Any) -> core_heads.SecondHead | None:
+    return model.get_attachment(ATTACHMENT)
+
+
+@dataclass
+class Capture:
+    """What one diffusion-model call saw: its inputs and those of the head's capture points."""
+
+    net_args: tuple = ()
+    net_kwargs: dict = field(default_factory=dict)
+    final_args: tuple = ()
+    final_kwargs: dict = field(default_factory=dict)
+    block_args: tuple = ()
+    block_kwargs: dict = field(default_factory=dict)
+    native_uncond: torch.Tensor | None = None
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.net_args[0]
+
+    def hook(self, slot: str):
+        def pre(_module, args, kwargs):
+            setattr(self, f"{slot}_args", args)
+            setattr(self, f"{slot}_kwargs", kwargs)
+        return pre
+
+
+def to_output(arch: Arch, net: nn.Module, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Final-layer output -> the diffusion model's output layout (what the model itself does after it)."""
+    if arch.name == "unet":
+        return out
+    h, w = x.shape[-2:]
+    if arch.name == "mmdit":
+        return net.unpatchify(out, hw=(h, w))[:, :, :h, :w]
+    p = net.patch_size  # flux: drop reference tokens, unpatchify 2x2
+    hl, wl = (h + p // 2) // p, (w + p // 2) // p
+    out = out[:, :hl * wl]
+    b, c = out.shape[0], out.shape[-1] // (p * p)
+    out = out.reshape(b, hl, wl, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, hl * p, wl * p)
+    return out[:, :, :h, :w]
+
+
+def run_head(head: core_heads.SecondHead, arch: Arch, net: nn.Module, cap: Capture) -> torch.Tensor:
+    """The head's prediction in the diffusion model's raw output space (eps, v or flow)."""
+    predict = getattr(head, "predict_raw", None)
+    if predict is not None:  # a head that computes the raw output itself (the tests' oracle)
+        return predict(cap)
+    fargs, fkw = cap.final_args, cap.final_kwargs
+    if head.block is not None:
+        if arch.name == "unet":
+            from comfy.ldm.modules.diffusionmodules.openaimodel import forward_timestep_embed
+
+            h, emb = cap.block_args[:2]
+            kw = cap.net_kwargs
+            h = forward_timestep_embed(head.block, h, emb, kw.get("context"), kw.get("transformer_options", {}),
+                                       None, time_context=kw.get("time_context"),
+                                       num_video_frames=kw.get("num_video_frames"),
+                                       image_only_indicator=kw.get("image_only_indicator"))
+            fargs = (h.type(cap.x.dtype),)
+        else:
+            _, tokens = head.block(*cap.block_args, **cap.block_kwargs)
+            fargs = (tokens, *cap.final_args[1:])
+    return to_output(arch, net, head.final(*fargs, **fkw), cap.x)
+
+
+@dataclass(frozen=True)
+class SinglePassConfig:
+    real_cfg_steps: int = 0
+    negative: str = "head"   # "head": the head stands in for the negative; "real_cfg": two passes
+
+
+@dataclass
+class RunState:
+    """One sampling run's side channel (an object: it survives ComfyUI's per-call dict copies)."""
+
+    config: SinglePassConfig
+    sample_sigmas: torch.Tensor
+    head: core_heads.SecondHead | None
+    arch: Arch
+    native: bool
+    latent_channels: int
+    active: bool = False
+    filed: dict = field(default_factory=dict)
+    head_steps: int = 0
+    two_pass_steps: int = 0
+    warned: set = field(default_factory=set)
+
+    def warn_once(self, what: str, message: str) -> None:
+        if what not in self.warned:
+            self.warned.add(what)
+            log.warning(message)
+
+
+class SinglePassHook:
+    def __init__(self, config: SinglePassConfig) -> None:
+        self.config = config
+
+    def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        guider = executor.class_obj
+        mp = guider.model_patcher
+        head, native = head_of(mp), native_two_head(mp)
+        if head is None and not native:
+            raise HookError("no single-pass head on this MODEL: put SupercondNewHead or SupercondLoadHead "
+                            "before SupercondSinglePass (or load a checkpoint trained with doubled output channels)")
+        bm = mp.model
+        run = RunState(self.config, sigmas.detach().float().cpu(), head, arch_of(bm.diffusion_model), native,
+                       bm.latent_format.latent_channels)
+        if head is not None:
+            head.to(mp.load_device)
+        to = guider.model_options.setdefault("transformer_options", {})
+        previous = to.get(KEY)
+        to[KEY] = run
+        try:
+            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        finally:
+            if head is not None:
+                head.to(mp.offload_device)
+            if previous is None:
+                to.pop(KEY, None)
+            else:
+                to[KEY] = previous
+            log.info("single-pass: %d model evaluations from one pass, %d with true two-pass CFG",
+                     run.head_steps, run.two_pass_steps)
+
+    def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
+        run: RunState | None = model_options.get("transformer_options", {}).get(KEY)
+        if run is None or len(conds) != 2 or conds[1] is None:
+            return executor(model, conds, x_in, timestep, model_options)  # cfg 1, 3-branch guiders, no run
+        if self.config.negative == "real_cfg" or \
+                step_index(run.sample_sigmas, float(timestep.flatten()[0])) < self.config.real_cfg_steps:
+            run.two_pass_steps += 1
+            return executor(model, conds, x_in, timestep, model_options)
+        if any("default" in e for e in conds[0]):
+            run.warn_once("default", "single-pass: hook-scheduled default conditioning is not supported by the "
+                          "head; these steps run true two-pass CFG")
+            run.two_pass_steps += 1
+            return executor(model, conds, x_in, timestep, model_options)
+        run.active, run.filed = True, {}
+        try:
+            out = list(executor(model, [conds[0], None], x_in, timestep, model_options))
+        finally:
+            run.active = False
+        out[1] = self._uncond(run, conds[0], x_in, timestep)
+        run.head_steps += 1
+        return out
+
+    @staticmethod
+    def _uncond(run: RunState, entries: list[dict], x_in: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        import comfy.samplers
+
+        parts = []
+        for entry in entries:
+            p = comfy.samplers.get_area_and_mult(entry, x_in, timestep)
+            if p is None:
+                continue
+            chunk = run.filed.pop(p.uuid, None)
+            if chunk is None:
+                raise HookError("single-pass: the head produced no prediction for a conditioning entry (another "
+                                "node changed how ComfyUI batches the model call)")
+            parts.append((chunk, p.mult, p.area))
+        return blend(x_in, parts)
+
+    def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None,
+                    transformer_options=None, **kwargs):
+        to = transformer_options if transformer_options is not None else {}
+        run: RunState | None = to.get(KEY)
+        if run is None or not (run.native or run.active):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        base = executor.class_obj
+        net = base.diffusion_model
+        cap = Capture()
+        handles = [net.register_forward_pre_hook(cap.hook("net"), with_kwargs=True)]
+        if run.native:
+            def split(_module, _args, out):
+                cond, cap.native_uncond = split_doubled(out, run.latent_channels)
+                return cond
+            handles.append(net.register_forward_hook(split))
+        else:
+            handles.append(resolve(net, run.arch.final)[0].register_forward_pre_hook(cap.hook("final"), with_kwargs=True))
+            if run.head.block is not None:
+                entry = resolve(net, run.arch.block_entry)[0]
+                handles.append(entry.register_forward_pre_hook(cap.hook("block"), with_kwargs=True))
+        try:
+            denoised = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        if run.active:
+            raw = cap.native_uncond if run.native else run_head(run.head, run.arch, net, cap)
+            uncond = base.model_sampling.calculate_denoised(t, raw.float(), x)
+            uuids = to.get("uuids") or []
+            for uid, chunk in zip(uuids, uncond.chunk(len(uuids)), strict=True):
+                run.filed[uid] = chunk
+        return denoised
+
+
+def installed_config(model: Any) -> SinglePassConfig | None:
+    import comfy.patcher_extension as pe
+
+    for w in model.get_wrappers(pe.WrappersMP.CALC_COND_BATCH, KEY):
+        if isinstance(getattr(w, "__self__", None), SinglePassHook):
+            return w.__self__.config
+    return None
+
+
+def patch_model(model: Any, config: SinglePassConfig) -> Any:
+    """A clone of ``model`` serving the unconditional prediction from its head (replaces an earlier patch)."""
+    import comfy.patcher_extension as pe
+
+    if not hasattr(model, "add_wrapper_with_key"):
+        raise HookError(f"expected a ComfyUI MODEL (ModelPatcher), got {type(model).__name__}")
+    if config.negative not in NEGATIVE_MODES:
+        raise HookError(f"negative must be one of {list(NEGATIVE_MODES)}, got {config.negative!r}")
+    arch_of(model.model.diffusion_model)
+    if head_of(model) is None and not native_two_head(model):
+        raise HookError("this MODEL has no single-pass head: connect it through SupercondNewHead or "
+                        "SupercondLoadHead first (a checkpoint with doubled output channels needs none)")
+    m = model.clone()
+    hook = SinglePassHook(config)
+    for kind, fn in ((pe.WrappersMP.OUTER_SAMPLE, hook.outer_sample),
+                     (pe.WrappersMP.CALC_COND_BATCH, hook.calc_cond_batch),
+                     (pe.WrappersMP.APPLY_MODEL, hook.apply_model)):
+        m.remove_wrappers_with_key(kind, KEY)
+        m.add_wrapper_with_key(kind, KEY, fn)
+    return m
