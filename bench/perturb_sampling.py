@@ -86,20 +86,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=16)
+    ap.add_argument("--div-steps", type=int, default=6, help="sampling steps of the diversity runs")
     args = ap.parse_args()
 
     model, pos, neg = load_sd15()
     vs = variants(model, pos)
     log.info(header(f"conditioning perturbation on the SD1.x fixture, {args.size}px, {args.steps} steps, cfg 7, euler"))
     med = overhead(vs, neg, args.steps, args.size, args.repeats)
-    div = diversity(vs, neg, args.steps, args.size, args.seeds)
+    div = diversity(vs, neg, args.div_steps, args.size, args.seeds)
     base = med["none"]
     log.info(f"{'variant':<22}{'s/run (median)':>16}{'overhead':>10}{'diversity':>12}{'vs none':>9}")
     for name in vs:
         log.info(f"{name:<22}{med[name]:>16.3f}{(med[name] / base - 1) * 100:>+9.1f}%"
                  f"{div[name]:>12.2f}{div[name] / div['none']:>8.2f}x")
     log.info(f"# median of {args.repeats} interleaved runs; diversity = mean pairwise L2 of final latents over "
-             f"{args.seeds} seeds")
+             f"{args.seeds} seeds ({args.div_steps} steps)")
     _plot(med, div)
 
 
