@@ -116,7 +116,9 @@ class SupercondSinglePass(io.ComfyNode):
                                                 "checkpoint trained with doubled output channels."),
                 io.Int.Input("real_cfg_steps", default=0, min=0, max=10000,
                              tooltip="Run true two-pass CFG for this many first steps (where guidance shapes the "
-                                     "composition most), the head afterwards."),
+                                     "composition most), the head afterwards. Counted by noise level: model calls "
+                                     "above the noise level of step N are two-pass (heun's corrector of step N-1 "
+                                     "already uses the head)."),
                 io.Combo.Input("negative", options=list(hook.NEGATIVE_MODES), default="head", tooltip=_NEG_TIP),
             ],
             outputs=[io.Model.Output()],

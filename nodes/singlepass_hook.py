@@ -96,7 +96,7 @@ def model_spec(model: Any, head_type: str) -> core_heads.HeadSpec:
         width = int(getattr(entry, "num_channels", None) or entry.channels)
     else:
         width = int(net.final_layer.linear.in_features)
-    return core_heads.HeadSpec(type(bm.model_config).__name__, prediction_of(bm.model_sampling), features,
+    return core_heads.HeadSpec(type(bm.model_config).__name__, prediction_of(model.get_model_object("model_sampling")), features,
                                head_type, width)
 
 
