@@ -167,6 +167,43 @@ def epsilon_scaling_sd3() -> tuple[dict, str]:
     return g.nodes, note
 
 
+def singlepass_ksampler() -> tuple[dict, str]:
+    g = Graph()
+    ck = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
+    pos = g.add("CLIPTextEncode", "Positive", text=PROMPT, clip=out(ck, 1))
+    neg = g.add("CLIPTextEncode", "Negative (not evaluated: the head stands in)", text="", clip=out(ck, 1))
+    lat = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    head = g.add("SupercondNewHead", model=out(ck), head="projection")
+    sp = g.add("SupercondSinglePass", model=out(head), real_cfg_steps=0, negative="head")
+    _sample_and_save(g, out(sp), out(pos), out(neg), lat, out(ck, 2), "singlepass", cfg=5.0)
+    note = ("**Single-pass CFG**: one model call per step instead of two; the unconditional prediction comes "
+            "from a second head in the same pass, and the KSampler's cfg still sets the scale. Swap "
+            "`New Single-Pass Head` for `Load Single-Pass Head` with a trained head: a fresh head predicts "
+            "no guidance (the image equals cfg 1). `negative` = head ignores the negative prompt; real_cfg uses it "
+            "(two passes). `real_cfg_steps` runs true CFG for the first steps.")
+    return g.nodes, note
+
+
+def singlepass_guider() -> tuple[dict, str]:
+    g = Graph()
+    ck = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
+    pos = g.add("CLIPTextEncode", "Positive", text=PROMPT, clip=out(ck, 1))
+    lat = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    head = g.add("SupercondNewHead", model=out(ck), head="last_block")
+    guider = g.add("SupercondSinglePassGuider", model=out(head), positive=out(pos), cfg=5.0)
+    noise = g.add("RandomNoise", noise_seed=42)
+    sampler = g.add("KSamplerSelect", sampler_name="euler")
+    sig = g.add("BasicScheduler", model=out(head), scheduler="normal", steps=20, denoise=1.0)
+    adv = g.add("SamplerCustomAdvanced", noise=out(noise), guider=out(guider), sampler=out(sampler),
+                sigmas=out(sig), latent_image=out(lat))
+    dec = g.add("VAEDecode", samples=out(adv), vae=out(ck, 2))
+    g.add("SaveImage", images=out(dec), filename_prefix="supercond/singlepass_guider")
+    note = ("**Single-pass CFG guider** for SamplerCustomAdvanced: CFG at `cfg` from one model call per step, "
+            "no negative prompt (the head is the unconditional branch). Load a trained head with "
+            "`Load Single-Pass Head`; a fresh one gives the cfg 1 image.")
+    return g.nodes, note
+
+
 EXAMPLES: dict[str, Callable[[], tuple[dict, str]]] = {
     "cep_static": cep_static,
     "cep_sampling": cep_sampling,
@@ -175,6 +212,8 @@ EXAMPLES: dict[str, Callable[[], tuple[dict, str]]] = {
     "noise_correction": noise_correction,
     "schedule_sigmas_offset_noise": schedule_sigmas_offset_noise,
     "epsilon_scaling_sd3": epsilon_scaling_sd3,
+    "singlepass_ksampler": singlepass_ksampler,
+    "singlepass_guider": singlepass_guider,
 }
 
 
