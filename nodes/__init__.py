@@ -6,14 +6,14 @@ import logging
 
 from comfy_api.v0_0_2 import ComfyExtension, io
 
-from . import perturb, schedules, singlepass
+from . import perturb, schedules, singlepass, train
 
 log = logging.getLogger("supercond")
 
 
 class SupercondExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*perturb.NODES, *schedules.NODES, *singlepass.NODES]
+        return [*perturb.NODES, *schedules.NODES, *singlepass.NODES, *train.NODES]
 
 
 async def comfy_entrypoint() -> SupercondExtension:

@@ -1,0 +1,232 @@
+"""The LoRA training loop, pure torch: batches, regularizers, loss, optimizer, resumable state.
+
+The model is a closure ``denoise(x_in, sigma, cond) -> x0_hat`` (the node wraps ComfyUI's
+``apply_model``), so this file knows nothing about ComfyUI. Every random draw comes from a private
+generator seeded from (seed, step, micro-step, stream), so step k is the same whether the run
+started at 0 or resumed at k, and each regularizer has its own stream: switching one on changes
+only what it should.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import objective as obj
+from .noise import row_generators, structure_noise
+from .perturb import DISTRIBUTIONS, apply_cep, seeded_generator
+
+Cond = dict[str, torch.Tensor]  # e.g. {"cross_attn": [1, T, D], "pooled_output": [1, P]}
+Denoise = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
+
+# Streams of the per-step generators.
+_MAIN, _PERM, _IP, _CEP, _DROP, _STRUCT = range(6)
+PYRAMID_DISCOUNT = 0.3  # kohya's usual multires discount
+
+
+class TrainError(ValueError):
+    """Bad training input: the message says what was wrong and what to do."""
+
+
+class NaNLoss(RuntimeError):
+    def __init__(self, step: int) -> None:
+        self.step = step
+        super().__init__(f"the loss became NaN/Inf at step {step + 1}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    learning_rate: float = 1e-4
+    rank: int = 8
+    alpha: float = 8.0
+    batch_size: int = 1
+    grad_accumulation: int = 1
+    prediction: str = "eps"
+    loss_weighting: str = "none"
+    min_snr_gamma: float = 5.0
+    cep_gamma: float = 0.0
+    cep_distribution: str = "uniform"
+    input_perturbation: float = 0.0
+    offset_noise: float = 0.0
+    pyramid_iterations: int = 0
+    caption_dropout: float = 0.0
+    seed: int = 0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 0.0
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise TrainError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1 or self.grad_accumulation < 1:
+            raise TrainError("batch_size and grad_accumulation must be >= 1")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise TrainError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.prediction not in obj.PREDICTIONS:
+            raise TrainError(f"prediction must be one of {obj.PREDICTIONS}, got {self.prediction!r}")
+        if self.loss_weighting not in obj.WEIGHTINGS:
+            raise TrainError(f"loss_weighting must be one of {obj.WEIGHTINGS}, got {self.loss_weighting!r}")
+        if self.cep_distribution not in DISTRIBUTIONS:
+            raise TrainError(f"cep_distribution must be one of {DISTRIBUTIONS}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise TrainError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        for name in ("cep_gamma", "input_perturbation", "offset_noise", "max_grad_norm"):
+            v = getattr(self, name)
+            if v < 0 or not math.isfinite(v):
+                raise TrainError(f"{name} must be a finite number >= 0, got {v}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Batch:
+    indices: torch.Tensor
+    x0: torch.Tensor
+    noise: torch.Tensor  # the noise the target is built from (offset/pyramid included)
+    x_in: torch.Tensor  # the model input (input perturbation included)
+    sigma: torch.Tensor
+    target: torch.Tensor
+    cond: Cond
+
+
+def batch_cond(conds: Sequence[Cond]) -> Cond:
+    """Stack per-sample conds; token axes of different lengths are repeated to their LCM (as ComfyUI)."""
+    out: Cond = {}
+    for key in conds[0]:
+        parts = [c[key] for c in conds]
+        if parts[0].dim() == 3 and len({p.shape[1] for p in parts}) > 1:
+            lcm = math.lcm(*(p.shape[1] for p in parts))
+            parts = [p.repeat(1, lcm // p.shape[1], 1) for p in parts]
+        out[key] = torch.cat(parts, dim=0)
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, params: Sequence[torch.nn.Parameter], denoise: Denoise,
+                 sigmas: torch.Tensor, latents: torch.Tensor, conds: Sequence[Cond],
+                 empty_cond: Cond | None = None, device: torch.device | str = "cpu") -> None:
+        cfg.validate()
+        n = latents.shape[0]
+        if n == 0:
+            raise TrainError("the dataset is empty: no latents to train on")
+        if len(conds) not in (1, n):
+            raise TrainError(f"{n} latents but {len(conds)} conditionings: give one per latent, or one for all")
+        if cfg.caption_dropout > 0 and empty_cond is None:
+            raise TrainError("caption_dropout needs the empty prompt's conditioning; use SupercondLoadDataset "
+                             "(it adds it) or set caption_dropout to 0")
+        if not torch.isfinite(latents).all():
+            raise TrainError("the latents contain NaN or Inf values")
+        self.cfg = cfg
+        self.params = list(params)
+        self.denoise = denoise
+        self.sigmas = sigmas.detach().float().cpu()
+        self.latents = latents.detach().float().cpu()
+        self.conds = [{k: v.detach().float().cpu() for k, v in c.items()} for c in conds]
+        self.empty = {k: v.detach().float().cpu() for k, v in empty_cond.items()} if empty_cond else None
+        self.device = torch.device(device)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=0.0)
+        self.step = 0  # optimizer steps done
+        self.losses: list[float] = []
+
+    # -- data ------------------------------------------------------------------------------------
+    def indices(self, step: int, micro: int) -> torch.Tensor:
+        """Sample positions run through epochs, each a seeded permutation (no repeats within one)."""
+        n, bs = self.latents.shape[0], self.cfg.batch_size
+        pos = (step * self.cfg.grad_accumulation + micro) * bs + torch.arange(bs)
+        out = torch.empty(bs, dtype=torch.long)
+        for epoch in pos.div(n, rounding_mode="floor").unique().tolist():
+            perm = torch.randperm(n, generator=seeded_generator(self.cfg.seed, _PERM, epoch))
+            sel = pos.div(n, rounding_mode="floor") == epoch
+            out[sel] = perm[pos[sel] % n]
+        return out
+
+    def batch(self, step: int, micro: int) -> Batch:
+        cfg = self.cfg
+        idx = self.indices(step, micro)
+        x0 = self.latents[idx]
+        g = seeded_generator(cfg.seed, _MAIN, step, micro)
+        sigma = self.sigmas[torch.randint(len(self.sigmas), (len(idx),), generator=g)]
+        noise = torch.randn(x0.shape, generator=g)
+        if cfg.offset_noise > 0 or cfg.pyramid_iterations > 0:
+            gens = row_generators(int(seeded_generator(cfg.seed, _STRUCT, step, micro).initial_seed()), idx.tolist())
+            noise = structure_noise(noise, gens, cfg.offset_noise, cfg.pyramid_iterations, PYRAMID_DISCOUNT,
+                                    normalize=False)
+        model_noise = noise
+        if cfg.input_perturbation > 0:  # DDPM-IP: perturb the input only; the target keeps `noise`
+            xi = torch.randn(x0.shape, generator=seeded_generator(cfg.seed, _IP, step, micro))
+            model_noise = noise + cfg.input_perturbation * xi
+        x_in = obj.noisy_input(cfg.prediction, x0, model_noise, sigma)
+        target = obj.native_target(cfg.prediction, x0, noise, sigma)
+        cond = self._cond(idx, step, micro)
+        dev = self.device
+        return Batch(idx, x0.to(dev), noise.to(dev), x_in.to(dev), sigma.to(dev), target.to(dev),
+                     {k: v.to(dev) for k, v in cond.items()})
+
+    def _cond(self, idx: torch.Tensor, step: int, micro: int) -> Cond:
+        cfg = self.cfg
+        rows = [self.conds[i if len(self.conds) > 1 else 0] for i in idx.tolist()]
+        if cfg.caption_dropout > 0:
+            drop = torch.rand(len(rows), generator=seeded_generator(cfg.seed, _DROP, step, micro))
+            rows = [self.empty if d < cfg.caption_dropout else r for r, d in zip(rows, drop.tolist(), strict=True)]
+        cond = batch_cond(rows)
+        if cfg.cep_gamma > 0:  # after dropout, as in OneTrainer #1235; training only
+            g = seeded_generator(cfg.seed, _CEP, step, micro)
+            cond = {k: apply_cep(v, cfg.cep_gamma, cfg.cep_distribution, "paper", g)
+                    if k in ("cross_attn", "pooled_output") else v for k, v in cond.items()}
+        return cond
+
+    # -- loss and step ---------------------------------------------------------------------------
+    def loss(self, b: Batch) -> torch.Tensor:
+        cfg = self.cfg
+        x0_hat = self.denoise(b.x_in, b.sigma, b.cond)
+        pred = obj.native_prediction(cfg.prediction, b.x_in.float(), x0_hat.float(), b.sigma.float())
+        w = obj.loss_weight(cfg.loss_weighting, cfg.prediction, b.sigma, cfg.min_snr_gamma)
+        return obj.weighted_mse(pred, b.target, w)
+
+    def train_step(self, between_micro: Callable[[], None] | None = None) -> float:
+        """One optimizer step (grad_accumulation micro-batches). Raises NaNLoss before stepping."""
+        cfg = self.cfg
+        factor = obj.lr_factor(cfg.lr_schedule, self.step, cfg.steps, cfg.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.learning_rate * factor
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accumulation):
+            if between_micro is not None:
+                between_micro()
+            loss = self.loss(self.batch(self.step, micro)) / cfg.grad_accumulation
+            loss.backward()
+            total += loss.detach()
+        value = float(total)  # one sync per optimizer step
+        if not math.isfinite(value):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NaNLoss(self.step)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.step += 1
+        self.losses.append(value)
+        return value
+
+    # -- resume ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "losses": list(self.losses), "optimizer": self.optimizer.state_dict(),
+                "params": [p.detach().cpu().clone() for p in self.params]}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if len(state["params"]) != len(self.params):
+            raise TrainError("the checkpoint's LoRA has a different layer set: train on the same model and rank")
+        with torch.no_grad():
+            for p, v in zip(self.params, state["params"], strict=True):
+                if p.shape != v.shape:
+                    raise TrainError(f"the checkpoint's LoRA has shape {list(v.shape)} where {list(p.shape)} "
+                                     "is expected (a different rank?)")
+                p.copy_(v)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.losses = [float(x) for x in state["losses"]]

@@ -1,0 +1,203 @@
+"""SupercondTrainLoRA: trains a LoRA on the graph's MODEL with the core trainer, shows progress and a
+live loss chart, stops on Cancel with a loadable checkpoint, saves kohya-format files."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from comfy_api.v0_0_2 import io, ui
+
+from ..core import objective
+from ..core.lora import LoRANetwork, kohya_metadata, save_atomic, torch_save_atomic
+from ..core.perturb import DISTRIBUTIONS, seeded_generator
+from ..core.train import NaNLoss, TrainConfig, Trainer, TrainError
+from . import train_model as tm
+from .events import LossEvents, progress_text
+from .plots import line_plot
+
+log = logging.getLogger("supercond")
+CATEGORY = "supercond/training"
+_MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+def _f(name, default, lo, hi, step, tip):
+    return io.Float.Input(name, default=default, min=lo, max=hi, step=step, tooltip=tip)
+
+
+def _i(name, default, lo, hi, tip):
+    return io.Int.Input(name, default=default, min=lo, max=hi, tooltip=tip)
+
+
+def conds_from(conditioning: list) -> tuple[list[dict], dict | None]:
+    """CONDITIONING -> per-entry {cross_attn, pooled_output?} rows (batch rows split), and the
+    empty prompt's cond that SupercondLoadDataset attaches (for caption dropout)."""
+    rows, empty = [], None
+    for i, (tokens, extra) in enumerate(conditioning):
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
+            raise tm.TrainInputError(f"conditioning entry {i} is not token embeddings [batch, tokens, width]")
+        pooled = extra.get("pooled_output")
+        for b in range(tokens.shape[0]):
+            row = {"cross_attn": tokens[b:b + 1]}
+            if isinstance(pooled, torch.Tensor):
+                row["pooled_output"] = pooled[b:b + 1]
+            rows.append(row)
+        empty = empty or extra.get("supercond_empty")
+    return rows, empty
+
+
+class SupercondTrainLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SupercondTrainLoRA",
+            display_name="Train LoRA (Supercond)",
+            category=CATEGORY,
+            description=("Trains a LoRA on this MODEL (eps, v or flow loss; min-SNR / debiased weights; CEP, input "
+                         "perturbation, offset and pyramid noise, caption dropout). Shows progress and a live loss "
+                         "chart, stops on Cancel keeping a loadable checkpoint, and saves kohya-format files under "
+                         "models/loras that the stock LoraLoader reads."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to train on (its patches are kept)."),
+                io.Latent.Input("latents", tooltip="The training images as latents (VAE-encoded)."),
+                io.Conditioning.Input("conditioning", tooltip="One conditioning per latent, or one for all."),
+                _i("steps", 200, 1, 1_000_000, "Total optimizer steps (with resume: the total to reach)."),
+                _f("learning_rate", 1e-4, 1e-8, 1.0, 1e-6, "AdamW learning rate."),
+                _i("rank", 8, 1, 256, "LoRA rank (dimension of the low-rank update)."),
+                _f("alpha", 8.0, 0.0, 1024.0, 0.5, "LoRA alpha; the update is scaled by alpha/rank."),
+                _i("batch_size", 1, 1, 256, "Latents per micro-batch."),
+                _i("grad_accumulation", 1, 1, 1024, "Micro-batches per optimizer step (loss divided by it)."),
+                io.Combo.Input("prediction", options=["auto", *objective.PREDICTIONS], default="auto",
+                               tooltip="Loss target: eps, v or flow. auto reads the model's sampling type."),
+                io.Combo.Input("loss_weighting", options=list(objective.WEIGHTINGS), default="none",
+                               tooltip="none: plain MSE on the target. min_snr: Min-SNR-gamma. debiased: "
+                                       "1/sqrt(SNR)-style (Yu et al.)."),
+                _f("min_snr_gamma", 5.0, 0.01, 100.0, 0.1, "gamma of Min-SNR weighting (5 recommended)."),
+                _f("cep_gamma", 0.0, 0.0, 100.0, 0.01, "CEP strength on the text embeddings during training; "
+                   "0 = off, 1 = the paper's default. Never applied outside training."),
+                io.Combo.Input("cep_distribution", options=list(DISTRIBUTIONS), default="uniform",
+                               tooltip="uniform: U(-a, a) (CEP-U); gaussian: N(0, a^2) (CEP-G); a = gamma/sqrt(d)."),
+                _f("input_perturbation", 0.0, 0.0, 1.0, 0.01, "DDPM-IP gamma: extra noise on the model input only; "
+                   "the target stays the original noise. 0 = off, ~0.1 typical."),
+                _f("offset_noise", 0.0, 0.0, 1.0, 0.01, "Offset noise strength (per-channel constant added to "
+                   "the noise). 0 = off, 0.05-0.1 typical."),
+                _i("pyramid_iterations", 0, 0, 10, "Pyramid (multi-resolution) noise levels; 0 = off."),
+                _f("caption_dropout", 0.0, 0.0, 1.0, 0.01, "Probability of replacing a caption's conditioning "
+                   "by the empty prompt's (needs SupercondLoadDataset's conditioning)."),
+                io.Int.Input("seed", default=0, min=0, max=_MAX_SEED, control_after_generate=False,
+                             tooltip="Seed of every random draw; same seed and inputs, same LoRA."),
+                io.Boolean.Input("gradient_checkpointing", default=False,
+                                 tooltip="Recompute activations in backward: less memory, ~20-30% slower."),
+                io.Combo.Input("lr_schedule", options=["constant", "cosine"], default="constant",
+                               tooltip="Learning-rate schedule after warmup (cosine decays to 0 at steps)."),
+                _i("warmup_steps", 0, 0, 100_000, "Linear learning-rate warmup steps."),
+                _f("max_grad_norm", 1.0, 0.0, 1000.0, 0.1, "Gradient clipping norm; 0 = off."),
+                _i("save_every", 0, 0, 1_000_000, "Save a checkpoint every N steps (0: only at the end)."),
+                io.String.Input("filename_prefix", default="supercond/lora",
+                                tooltip="Files go to models/loras/<prefix>_<step>.safetensors (+ .state.pt)."),
+                io.Boolean.Input("resume", default=False,
+                                 tooltip="Continue from the last checkpoint of this prefix, optimizer state "
+                                         "included, up to steps."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with the trained LoRA (as LoraLoader "
+                                "would load the saved file)."),
+                io.String.Output(display_name="path", tooltip="The saved LoRA file."),
+                io.Image.Output(display_name="loss_plot", tooltip="Loss per step."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, latents, conditioning, steps, learning_rate, rank, alpha, batch_size,
+                grad_accumulation, prediction, loss_weighting, min_snr_gamma, cep_gamma, cep_distribution,
+                input_perturbation, offset_noise, pyramid_iterations, caption_dropout, seed,
+                gradient_checkpointing, lr_schedule, warmup_steps, max_grad_norm, save_every,
+                filename_prefix, resume) -> io.NodeOutput:
+        import folder_paths
+
+        node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
+        cfg = TrainConfig(steps, learning_rate, rank, alpha, batch_size, grad_accumulation,
+                          tm.auto_prediction(model, prediction), loss_weighting, min_snr_gamma, cep_gamma,
+                          cep_distribution, input_perturbation, offset_noise, pyramid_iterations, caption_dropout,
+                          seed, lr_schedule, warmup_steps, max_grad_norm)
+        cfg.validate()
+        stem = tm.prefix_path(folder_paths.get_folder_paths("loras")[0], filename_prefix)
+        tm.check_writable(stem.parent)
+        rows, empty = conds_from(conditioning)
+        path, losses, sd = train(model, latents["samples"], rows, empty, cfg, stem, save_every,
+                                 gradient_checkpointing, resume, node_id)
+        import comfy.sd
+
+        trained, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0.0)
+        plot = line_plot([("loss", range(1, len(losses) + 1), losses)], "training loss", "step", "loss",
+                         logy=True)
+        return io.NodeOutput(trained, str(path), plot, ui=ui.PreviewImage(plot, cls=cls))
+
+
+def train(model, latents: torch.Tensor, rows: list[dict], empty: dict | None, cfg: TrainConfig, stem: Path,
+          save_every: int, gradient_checkpointing: bool, resume: bool, node_id: str | None = None
+          ) -> tuple[Path, list[float], dict[str, torch.Tensor]]:
+    """The training run; returns (saved file, losses, the saved kohya state dict)."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    mp = model.clone()
+    with torch.inference_mode(False), torch.enable_grad():
+        mm.load_models_gpu([mp], force_full_load=True)
+        device = mp.load_device
+        dm = mp.model.diffusion_model
+        tm.materialize_weights(dm)
+        net = LoRANetwork(tm.target_layers(mp), cfg.rank, cfg.alpha, seeded_generator(cfg.seed, 0x10BA), device)
+        sigmas = mp.get_model_object("model_sampling").sigmas
+        trainer = Trainer(cfg, list(net.parameters()), tm.denoiser(mp, device), sigmas, latents.clone(), rows,
+                          empty, device)
+        if resume:
+            found = tm.last_checkpoint(stem)
+            if found is None:
+                log.info("supercond: no checkpoint of %s to resume; starting at step 0", stem)
+            else:
+                trainer.load_state_dict(torch.load(tm.state_file(found[0]), weights_only=True))
+                log.info("supercond: resumed %s at step %d", found[0].name, trainer.step)
+        meta_base = tm.base_model_name(mp)
+
+        def save() -> tuple[Path, dict]:
+            sd = net.kohya_state_dict(torch.float16)
+            f = tm.checkpoint_file(stem, trainer.step)
+            save_atomic(f, sd, kohya_metadata(cfg.rank, cfg.alpha, trainer.step, cfg.as_dict(), meta_base))
+            torch_save_atomic(tm.state_file(f), trainer.state_dict())
+            return f, sd
+
+        pbar = comfy.utils.ProgressBar(cfg.steps, node_id=node_id)
+        pbar.update_absolute(trainer.step)
+        events = LossEvents(node_id, cfg.steps)
+        last: tuple[Path, dict] | None = None
+        if trainer.step >= cfg.steps:
+            found = tm.last_checkpoint(stem)
+            last = (found[0], net.kohya_state_dict(torch.float16))
+        net.train()
+        with net.attached(), tm.checkpointing(dm, gradient_checkpointing):
+            try:
+                while trainer.step < cfg.steps:
+                    loss = trainer.train_step(between_micro=mm.throw_exception_if_processing_interrupted)
+                    events.add(trainer.step, loss, reset=trainer.step == 1)
+                    if save_every and trainer.step % save_every == 0 and trainer.step < cfg.steps:
+                        last = save()
+                    pbar.update_absolute(trainer.step)  # also where ComfyUI raises on Cancel
+                    if trainer.step % 10 == 0:
+                        progress_text(f"step {trainer.step}/{cfg.steps}  loss {loss:.4f}", node_id)
+                last = save()
+            except NaNLoss as e:
+                kept = f"; the last good checkpoint is {last[0]}" if last else "; no checkpoint was saved"
+                raise TrainError(f"{e}: training stopped{kept}. Lower learning_rate or check the inputs.") from e
+            except mm.InterruptProcessingException:
+                f, _ = save()  # the weights after the last completed step
+                log.info("supercond: training cancelled at step %d; saved %s", trainer.step, f)
+                raise
+            finally:
+                events.flush()
+        return last[0], trainer.losses, last[1]
+
+
+NODES: list[type[io.ComfyNode]] = [SupercondTrainLoRA]
