@@ -1,0 +1,215 @@
+"""Tier A: the trainer's objective, LoRA module and loop on a toy denoiser (no ComfyUI)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from supercond.core import objective as obj
+from supercond.core.lora import LoRANetwork, save_atomic
+from supercond.core.perturb import seeded_generator
+from supercond.core.train import TrainConfig, Trainer, TrainError
+
+SIG = torch.tensor([0.05, 0.3, 1.0, 4.0, 14.6])
+T = torch.tensor([0.02, 0.3, 0.5, 0.9, 0.999])
+
+
+# -- objective formulas (research/trainer.md section 5) --------------------------------------------
+def test_targets_and_predictions_invert_comfy_denoise():
+    x0, eps = torch.randn(5, 4, 3, 3), torch.randn(5, 4, 3, 3)
+    for kind, s in (("eps", SIG), ("v", SIG), ("flow", T)):
+        x = obj.noisy_input(kind, x0, eps, s)
+        target = obj.native_target(kind, x0, eps, s)
+        # the true x0 gives back the true target (ComfyUI's calculate_denoised, inverted)
+        assert torch.allclose(obj.native_prediction(kind, x, x0, s), target, atol=1e-4)
+    c = SIG.view(-1, 1, 1, 1)
+    alpha, sd = 1 / torch.sqrt(1 + c**2), c / torch.sqrt(1 + c**2)
+    assert torch.allclose(obj.native_target("v", x0, eps, SIG), alpha * eps - sd * x0, atol=1e-6)
+    assert torch.allclose(obj.native_target("flow", x0, eps, T), eps - x0)
+    assert torch.allclose(obj.noisy_input("flow", x0, eps, T), T.view(-1, 1, 1, 1) * eps + (1 - T.view(-1, 1, 1, 1)) * x0)
+
+
+def test_min_snr_and_debiased_weights_match_the_formulas():
+    g = 5.0
+    snr = 1 / SIG**2
+    assert torch.allclose(obj.loss_weight("min_snr", "eps", SIG, g), torch.minimum(snr, torch.tensor(g)) / snr)
+    assert torch.allclose(obj.loss_weight("min_snr", "v", SIG, g), torch.minimum(snr, torch.tensor(g)) / (snr + 1))
+    assert torch.allclose(obj.loss_weight("min_snr", "flow", T, g), torch.minimum((1 - T) ** 2, g * T**2))
+    assert torch.allclose(obj.loss_weight("debiased", "eps", SIG), 1 / torch.sqrt(snr.clamp(max=1000)))
+    assert torch.allclose(obj.loss_weight("debiased", "v", SIG), torch.sqrt(snr.clamp(max=1000)) / (snr.clamp(max=1000) + 1))
+    assert torch.allclose(obj.loss_weight("debiased", "flow", T), T * (1 - T))
+    assert torch.equal(obj.loss_weight("none", "eps", SIG), torch.ones(5))
+    # flow min-SNR peaks at t* = 1/(1+sqrt(gamma))
+    t = torch.linspace(0.001, 0.999, 9999)
+    w = obj.loss_weight("min_snr", "flow", t, g)
+    assert abs(float(t[w.argmax()]) - 1 / (1 + math.sqrt(g))) < 1e-3
+
+
+def test_lr_schedule():
+    assert obj.lr_factor("constant", 0, 10, 2) == 0.5
+    assert obj.lr_factor("cosine", 2, 10, 2) == 1.0
+    assert obj.lr_factor("cosine", 10, 10, 2) == pytest.approx(0.0)
+
+
+# -- LoRA ------------------------------------------------------------------------------------------
+class Toy(nn.Module):
+    """A tiny conditional denoiser: conv + linear on the cond, returns an x0 estimate."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.lin = nn.Linear(8, 4)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        self.requires_grad_(False)
+
+    def forward(self, x, sigma, cond):
+        c = self.lin(cond["cross_attn"].mean(1))[:, :, None, None]
+        return x / (1 + sigma.view(-1, 1, 1, 1) ** 2) + self.conv(x) * 0.1 + c
+
+
+def make(cfg: TrainConfig, n=4, empty=True):
+    torch.manual_seed(123)  # the trainer must not depend on it
+    model = Toy()
+    net = LoRANetwork({"lora_unet_conv": model.conv, "lora_unet_lin": model.lin}, cfg.rank, cfg.alpha,
+                      seeded_generator(cfg.seed, 1))
+    g = torch.Generator().manual_seed(1)
+    lat = torch.randn(n, 4, 4, 4, generator=g)
+    conds = [{"cross_attn": torch.randn(1, 3, 8, generator=g), "pooled_output": torch.randn(1, 8, generator=g)}
+             for _ in range(n)]
+    e = {"cross_attn": torch.zeros(1, 3, 8), "pooled_output": torch.zeros(1, 8)} if empty else None
+    sig = torch.linspace(0.03, 14.6, 1000) if cfg.prediction != "flow" else torch.linspace(0.001, 1, 1000)
+    tr = Trainer(cfg, list(net.parameters()), model, sig, lat, conds, e)
+    return tr, net, model
+
+
+def cfg(**kw) -> TrainConfig:
+    return TrainConfig(**({"steps": 20, "learning_rate": 1e-2, "rank": 2, "alpha": 2.0, "batch_size": 2} | kw))
+
+
+def test_lora_starts_at_zero_and_hooks_are_removed():
+    tr, net, model = make(cfg())
+    x = torch.randn(2, 4, 4, 4)
+    base = model.conv(x)
+    with net.attached():
+        assert torch.equal(model.conv(x), base)  # up = 0
+        net.loras["lora_unet_conv"].up.weight.data.fill_(0.1)
+        assert not torch.equal(model.conv(x), base)
+    assert torch.equal(model.conv(x), base)
+    sd = net.kohya_state_dict()
+    assert sd["lora_unet_conv.lora_down.weight"].shape == (2, 4, 3, 3)
+    assert sd["lora_unet_conv.lora_up.weight"].shape == (4, 2, 1, 1)
+    assert sd["lora_unet_lin.alpha"].dim() == 0
+
+
+def test_save_is_atomic(tmp_path):
+    p = save_atomic(tmp_path / "a.safetensors", {"x": torch.zeros(2)}, {"k": "v"})
+    assert p.exists() and not list(tmp_path.glob(".tmp_*"))
+    with pytest.raises((TypeError, ValueError, AttributeError)):
+        save_atomic(tmp_path / "b.safetensors", {"x": "not a tensor"}, {})
+    assert not (tmp_path / "b.safetensors").exists() and not list(tmp_path.glob(".tmp_*"))
+
+
+# -- the loop --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prediction", ["eps", "v", "flow"])
+def test_loss_falls_on_overfit_toy(prediction):
+    tr, net, model = make(cfg(prediction=prediction, steps=60, learning_rate=3e-2))
+    batches = [tr.batch(s, 0) for s in range(8)]
+    with net.attached():
+        with torch.no_grad():
+            before = sum(float(tr.loss(b)) for b in batches)
+        for _ in range(60):
+            tr.train_step()
+        with torch.no_grad():
+            after = sum(float(tr.loss(b)) for b in batches)
+    assert after < 0.95 * before
+
+
+def test_regularizers_off_is_the_plain_objective():
+    tr, net, model = make(cfg(prediction="eps"))
+    b = tr.batch(3, 0)
+    idx = tr.indices(3, 0)
+    g = seeded_generator(0, 0, 3, 0)
+    sigma = tr.sigmas[torch.randint(1000, (2,), generator=g)]
+    noise = torch.randn(2, 4, 4, 4, generator=g)
+    assert torch.equal(b.sigma, sigma) and torch.equal(b.noise, noise)
+    assert torch.equal(b.x_in, tr.latents[idx] + sigma.view(-1, 1, 1, 1) * noise)
+    assert torch.equal(b.target, noise)
+    assert torch.equal(b.cond["cross_attn"], torch.cat([tr.conds[i]["cross_attn"] for i in idx]))
+    with net.attached():
+        x0_hat = model(b.x_in, b.sigma, b.cond)
+        plain = ((b.x_in - x0_hat) / sigma.view(-1, 1, 1, 1) - noise).pow(2).mean()
+        assert torch.allclose(tr.loss(b), plain, rtol=1e-6, atol=0)
+
+
+def test_each_regularizer_changes_exactly_what_it_should():
+    ref = make(cfg())[0].batch(2, 0)
+
+    def diff(**kw):
+        b = make(cfg(**kw))[0].batch(2, 0)
+        return {k: not torch.equal(getattr(b, k), getattr(ref, k)) for k in ("x0", "sigma", "noise", "x_in", "target")} | {
+            "cond": not torch.equal(b.cond["cross_attn"], ref.cond["cross_attn"])}
+
+    assert diff(input_perturbation=0.1) == {"x0": False, "sigma": False, "noise": False, "x_in": True,
+                                            "target": False, "cond": False}
+    assert diff(offset_noise=0.1) == {"x0": False, "sigma": False, "noise": True, "x_in": True,
+                                      "target": True, "cond": False}
+    assert diff(pyramid_iterations=2)["noise"] and not diff(pyramid_iterations=2)["cond"]
+    assert diff(cep_gamma=1.0) == {"x0": False, "sigma": False, "noise": False, "x_in": False,
+                                   "target": False, "cond": True}
+    assert diff(caption_dropout=1.0)["cond"] and not diff(caption_dropout=1.0)["x_in"]
+    # input perturbation: x_in = x0 + sigma*(eps + gamma*xi), target still eps
+    b = make(cfg(input_perturbation=0.1))[0].batch(2, 0)
+    xi = torch.randn(b.x0.shape, generator=seeded_generator(0, 2, 2, 0))
+    assert torch.allclose(b.x_in, b.x0 + b.sigma.view(-1, 1, 1, 1) * (ref.noise + 0.1 * xi), atol=1e-6)
+    # offset noise: per-(row, channel) constant shift of the noise
+    off = make(cfg(offset_noise=0.1))[0].batch(2, 0).noise - ref.noise
+    assert torch.allclose(off, off.mean(dim=(2, 3), keepdim=True), atol=1e-6)
+
+
+def test_resume_equals_straight_run():
+    a, net_a, _ = make(cfg(steps=8, cep_gamma=1.0, input_perturbation=0.1, offset_noise=0.05))
+    with net_a.attached():
+        for _ in range(8):
+            a.train_step()
+    b, net_b, _ = make(cfg(steps=8, cep_gamma=1.0, input_perturbation=0.1, offset_noise=0.05))
+    with net_b.attached():
+        for _ in range(4):
+            b.train_step()
+    state = b.state_dict()
+    c, net_c, _ = make(cfg(steps=8, cep_gamma=1.0, input_perturbation=0.1, offset_noise=0.05), n=4)
+    c.load_state_dict(state)
+    with net_c.attached():
+        for _ in range(4):
+            c.train_step()
+    assert a.losses == c.losses
+    for p, q in zip(net_a.parameters(), net_c.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_bad_input_is_refused_with_a_clear_message():
+    with pytest.raises(TrainError, match="steps must be >= 1"):
+        make(cfg(steps=0))
+    with pytest.raises(TrainError, match="caption_dropout needs"):
+        make(cfg(caption_dropout=0.5), empty=False)
+    tr, net, model = make(cfg())
+    with pytest.raises(TrainError, match="empty"):
+        Trainer(cfg(), list(net.parameters()), model, tr.sigmas, torch.zeros(0, 4, 4, 4), tr.conds)
+    with pytest.raises(TrainError, match="4 latents but 3 conditionings"):
+        Trainer(cfg(), list(net.parameters()), model, tr.sigmas, tr.latents, tr.conds[:3])
+
+
+def test_nan_loss_stops_before_the_update():
+    from supercond.core.train import NaNLoss
+
+    tr, net, model = make(cfg())
+    before = [p.clone() for p in net.parameters()]
+    tr.denoise = lambda x, s, c: model(x, s, c) * float("nan")
+    with net.attached(), pytest.raises(NaNLoss):
+        tr.train_step()
+    assert all(torch.equal(p, q) for p, q in zip(before, net.parameters(), strict=True))

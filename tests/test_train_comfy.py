@@ -1,0 +1,146 @@
+"""The LoRA trainer inside the real ComfyUI (in-process) on the SD1.x (eps), v and SD3 (flow) fixtures:
+loss falls, regularizers off is the plain objective, resume equals a straight run, the saved file
+loaded by the stock LoraLoader reproduces the trained MODEL, bad input gets a clear message."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfy
+
+
+@pytest.fixture()
+def loras(comfy, tmp_path, monkeypatch):
+    """A private loras folder for each test."""
+    d = tmp_path / "loras"
+    d.mkdir()
+    monkeypatch.setitem(comfy.folder_names_and_paths, "loras", ([str(d)], comfy.supported_pt_extensions))
+    return d
+
+
+def fam_of(name, fixture_checkpoints):
+    from comfy_helpers import load_family
+
+    return load_family(name, fixture_checkpoints)
+
+
+def data(fam, n=2, size=8, seed=0):
+    from comfy_helpers import encode
+
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.randn(n, fam.latent_channels, size, size, generator=g) * 0.5
+    return {"samples": lat}, encode(fam, "a red cube")
+
+
+def run(fam, latents, cond, **kw):
+    from supercond.nodes.train import SupercondTrainLoRA
+
+    args = dict(steps=4, learning_rate=1e-3, rank=4, alpha=4.0, batch_size=1, grad_accumulation=1,
+                prediction="auto", loss_weighting="none", min_snr_gamma=5.0, cep_gamma=0.0,
+                cep_distribution="uniform", input_perturbation=0.0, offset_noise=0.0, pyramid_iterations=0,
+                caption_dropout=0.0, seed=0, gradient_checkpointing=False, lr_schedule="constant",
+                warmup_steps=0, max_grad_norm=1.0, save_every=0, filename_prefix="t/lora", resume=False) | kw
+    return SupercondTrainLoRA.execute(fam.model, latents, cond, **args)
+
+
+@pytest.mark.parametrize("name", ["eps", "flow"])
+def test_trains_saves_and_loraloader_matches(name, fixture_checkpoints, loras):
+    import comfy.utils
+    import nodes
+    from comfy_helpers import encode, sample
+
+    fam = fam_of(name, fixture_checkpoints)
+    lat, cond = data(fam)
+    out = run(fam, lat, cond, steps=3, learning_rate=1e-2)
+    model, path, plot = out.result
+    assert plot.shape[-1] == 3
+    sd = comfy.utils.load_torch_file(path)
+    assert sd and all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in sd)
+    if name != "flow":
+        assert any(k.startswith("lora_unet_down_blocks_0_attentions_0") for k in sd)
+        assert any(v.dim() == 4 and v.shape[-1] == 3 for k, v in sd.items() if k.endswith("lora_down.weight"))
+    loras_name = path.split("/loras/")[-1] if "/loras/" in path else path
+    (loaded, _) = nodes.LoraLoader().load_lora(fam.model, fam.clip, loras_name, 1.0, 0.0)
+    pos, neg = encode(fam, "a red cube"), encode(fam, "")
+    a, b = sample(fam, model, pos, neg), sample(fam, loaded, pos, neg)
+    base = sample(fam, fam.model, pos, neg)
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    assert not torch.allclose(a, base, atol=1e-4)  # the LoRA does something
+
+
+def eps_mse(fam, model, x0, seed=5):
+    """eps-MSE of a MODEL on fixed (sigma, noise) draws: the plain objective, for before/after."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([model])
+    from comfy_helpers import encode
+
+    ctx = encode(fam, "a red cube")[0][0]
+    g = torch.Generator().manual_seed(seed)
+    sig = model.get_model_object("model_sampling").sigmas
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(6):
+            s = sig[torch.randint(len(sig), (1,), generator=g)]
+            n = torch.randn(x0.shape, generator=g)
+            x = x0 + s * n
+            x0_hat = model.model.apply_model(x, s, c_crossattn=ctx)
+            total += float(((x - x0_hat) / s - n).pow(2).mean())
+    return total
+
+
+def test_loss_falls_on_an_overfit_task(fixture_checkpoints, loras):
+    fam = fam_of("eps", fixture_checkpoints)
+    lat, cond = data(fam, n=1)
+    model = run(fam, lat, cond, steps=10, learning_rate=1e-2, rank=8, alpha=8.0).result[0]
+    assert eps_mse(fam, model, lat["samples"]) < 0.9 * eps_mse(fam, fam.model, lat["samples"])
+
+
+def test_cancel_keeps_a_loadable_checkpoint_and_resume_continues(fixture_checkpoints, loras, monkeypatch):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    fam = fam_of("eps", fixture_checkpoints)
+    lat, cond = data(fam)
+
+    def hook(value, total, preview, node_id=None):  # what ComfyUI's hook does after POST /interrupt
+        if value >= 2:
+            raise mm.InterruptProcessingException()
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    with pytest.raises(mm.InterruptProcessingException):
+        run(fam, lat, cond, steps=5, filename_prefix="c/lora")
+    saved = loras / "c" / "lora_000002.safetensors"
+    assert saved.exists() and (loras / "c" / "lora_000002.state.pt").exists()
+    assert comfy.utils.load_torch_file(str(saved))
+    assert not list((loras / "c").glob(".tmp_*"))
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
+    model, path, _ = run(fam, lat, cond, steps=3, filename_prefix="c/lora", resume=True).result
+    assert path.endswith("lora_000003.safetensors")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(filename_prefix="../escape"), "outside the loras folder"),
+    (dict(filename_prefix="/abs/x"), "relative path"),
+    (dict(steps=0), "steps must be >= 1"),
+    (dict(prediction="flow"), "does not fit"),
+])
+def test_bad_settings_fail_before_training(fixture_checkpoints, loras, change, message):
+    fam = fam_of("eps", fixture_checkpoints)
+    lat, cond = data(fam)
+    with pytest.raises(ValueError, match=message):
+        run(fam, lat, cond, **change)
+    assert not list(loras.rglob("*.safetensors"))
+
+
+def test_count_mismatch_and_unwritable_folder(fixture_checkpoints, loras):
+    fam = fam_of("eps", fixture_checkpoints)
+    lat, cond = data(fam, n=3)
+    two = cond + cond
+    with pytest.raises(ValueError, match="3 latents but 2 conditionings"):
+        run(fam, lat, two)
+    (loras / "blocked").write_text("a file where the folder should be")  # unwritable, even as root
+    with pytest.raises(ValueError, match="cannot write"):
+        run(fam, lat, cond, filename_prefix="blocked/x")
+    assert not list(loras.rglob("*.safetensors"))
