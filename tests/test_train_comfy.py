@@ -144,3 +144,53 @@ def test_count_mismatch_and_unwritable_folder(fixture_checkpoints, loras):
     with pytest.raises(ValueError, match="cannot write"):
         run(fam, lat, cond, filename_prefix="blocked/x")
     assert not list(loras.rglob("*.safetensors"))
+
+
+@pytest.fixture()
+def input_dir(comfy, tmp_path, monkeypatch):
+    d = tmp_path / "input"
+    d.mkdir()
+    monkeypatch.setattr(comfy, "get_input_directory", lambda: str(d))
+    monkeypatch.setattr(comfy, "get_user_directory", lambda: str(tmp_path / "user"))
+    return d
+
+
+def load_dataset(fam, folder, **kw):
+    from supercond.nodes.dataset import SupercondLoadDataset
+
+    args = dict(resolution=64, flip=True, random_crop=True, seed=0) | kw
+    return SupercondLoadDataset.execute(folder, fam.clip, fam.vae, **args).result
+
+
+def test_dataset_example_cache_and_caption_dropout(fixture_checkpoints, input_dir, loras, monkeypatch):
+    fam = fam_of("eps", fixture_checkpoints)
+    lat, cond = load_dataset(fam, "supercond_example")
+    assert lat["samples"].shape == (8, 4, 8, 8) and len(cond) == 8
+    assert (input_dir / "supercond_example" / "example_00.txt").exists()
+    calls = []
+    monkeypatch.setattr(fam.vae, "encode", lambda *a: calls.append(1))
+    lat2, cond2 = load_dataset(fam, "supercond_example")  # from the cache: no encoding
+    assert not calls and torch.equal(lat2["samples"], lat["samples"])
+    assert torch.equal(cond2[3][0], cond[3][0])
+    monkeypatch.undo()
+    run(fam, {"samples": lat["samples"][:2]}, cond[:2], steps=2, caption_dropout=0.5, cep_gamma=1.0,
+        input_perturbation=0.1, offset_noise=0.1, pyramid_iterations=2, loss_weighting="min_snr")
+
+
+def test_dataset_errors_name_the_file(fixture_checkpoints, input_dir):
+    from supercond.core.dataset import DatasetError
+
+    fam = fam_of("eps", fixture_checkpoints)
+    (input_dir / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no images"):
+        load_dataset(fam, "empty")
+    d = input_dir / "bad"
+    d.mkdir()
+    (d / "a.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match="a.png has no caption"):
+        load_dataset(fam, "bad")
+    (d / "a.txt").write_text("x")
+    with pytest.raises(DatasetError, match="cannot read image a.png"):
+        load_dataset(fam, "bad")
+    with pytest.raises(DatasetError, match="outside"):
+        load_dataset(fam, "../../etc")

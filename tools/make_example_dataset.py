@@ -1,0 +1,35 @@
+"""Write the example training set (synthetic images + .txt captions) into a folder.
+
+    python tools/make_example_dataset.py [OUT_DIR]   (default: ~/comfy/ComfyUI/input/supercond_example)
+
+The dataset node writes the same set itself when asked for folder ``supercond_example`` and it is
+missing from ComfyUI's input directory, so example workflows run anywhere; this script is for
+looking at it or copying it elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    spec = importlib.util.spec_from_file_location("supercond", REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["supercond"] = module
+    spec.loader.exec_module(module)
+    from supercond.core.dataset import EXAMPLE_NAME
+    from supercond.nodes.dataset_files import write_example
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", nargs="?", type=Path, default=Path.home() / "comfy/ComfyUI/input" / EXAMPLE_NAME)
+    write_example(ap.parse_args().out)
+
+
+if __name__ == "__main__":
+    main()
