@@ -204,6 +204,31 @@ def singlepass_guider() -> tuple[dict, str]:
     return g.nodes, note
 
 
+def lora_train() -> tuple[dict, str]:
+    g = Graph()
+    ck = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
+    ds = g.add("SupercondLoadDataset", folder="supercond_example", clip=out(ck, 1), vae=out(ck, 2), resolution=512,
+               flip=True, random_crop=False, seed=0)
+    tr = g.add("SupercondTrainLoRA", model=out(ck), latents=out(ds), conditioning=out(ds, 1), steps=200,
+               learning_rate=1e-4, rank=8, alpha=8.0, batch_size=1, grad_accumulation=1, prediction="auto",
+               loss_weighting="min_snr", min_snr_gamma=5.0, cep_gamma=1.0, cep_distribution="uniform",
+               input_perturbation=0.1, offset_noise=0.05, pyramid_iterations=0, caption_dropout=0.1, seed=0,
+               gradient_checkpointing=False, lr_schedule="cosine", warmup_steps=10, max_grad_norm=1.0,
+               save_every=50, filename_prefix="supercond/example_lora", resume=False)
+    g.add("PreviewImage", images=out(tr, 2))
+    pos = g.add("CLIPTextEncode", "Positive", text="a red disc on a pale background, supercond style", clip=out(ck, 1))
+    neg = g.add("CLIPTextEncode", "Negative", text="", clip=out(ck, 1))
+    lat = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    _sample_and_save(g, out(tr), out(pos), out(neg), lat, out(ck, 2), "lora_train")
+    note = ("**LoRA trainer**: the dataset node encodes a folder of images + .txt captions (here the built-in "
+            "synthetic example set, written to ComfyUI's input folder on first use) and caches it; the trainer "
+            "trains a LoRA on the loaded MODEL with min-SNR, CEP, input perturbation, offset noise and caption "
+            "dropout, shows progress and a live loss chart, and saves kohya-format files under models/loras "
+            "(`supercond/example_lora_<step>.safetensors`, readable by the stock Load LoRA node). Cancel keeps "
+            "the last checkpoint; `resume` continues from it. The KSampler samples with the trained MODEL.")
+    return g.nodes, note
+
+
 EXAMPLES: dict[str, Callable[[], tuple[dict, str]]] = {
     "cep_static": cep_static,
     "cep_sampling": cep_sampling,
@@ -214,6 +239,7 @@ EXAMPLES: dict[str, Callable[[], tuple[dict, str]]] = {
     "epsilon_scaling_sd3": epsilon_scaling_sd3,
     "singlepass_ksampler": singlepass_ksampler,
     "singlepass_guider": singlepass_guider,
+    "lora_train": lora_train,
 }
 
 

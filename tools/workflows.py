@@ -61,6 +61,8 @@ def shrink(prompt: dict, size: int = 64, max_steps: int = 4) -> dict:
         inputs = node.get("inputs", {})
         if node.get("class_type", "").startswith("Empty") and "width" in inputs:
             inputs["width"], inputs["height"] = size, size
+        if "resolution" in inputs and isinstance(inputs["resolution"], int):  # training datasets
+            inputs["resolution"] = min(inputs["resolution"], size)
         if "steps" in inputs and isinstance(inputs["steps"], int):
             inputs["steps"] = min(inputs["steps"], max_steps)
     return out
