@@ -15,7 +15,12 @@ import torch
 pytestmark = pytest.mark.comfy
 
 SCALES = (2.0, 4.5, 8.0)
-TOL = dict(atol=2e-4, rtol=1e-4)
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to float noise: batch-2 vs batch-1 kernels differ in the last bits, and cfg
+    amplifies that; the random-weight fixtures' latents reach |x| ~ 100."""
+    return (a - b).abs().max().item() <= 5e-5 * b.abs().max().item() + 1e-5
 
 
 @pytest.fixture(params=["eps", "v", "flow"])
@@ -100,8 +105,8 @@ def test_head_that_knows_the_uncond_matches_two_pass_cfg_at_several_scales(fam, 
     for scale in SCALES:
         two_pass = sample(fam, fam.model, pos, neg, cfg=scale, steps=2)
         one_pass = sample(fam, model, pos, neg, cfg=scale, steps=2)
-        assert torch.allclose(one_pass, two_pass, **TOL), (scale, (one_pass - two_pass).abs().max())
-    assert not torch.allclose(two_pass, sample(fam, fam.model, pos, neg, cfg=1.0, steps=2), **TOL)
+        assert close(one_pass, two_pass), (scale, (one_pass - two_pass).abs().max())
+    assert not close(two_pass, sample(fam, fam.model, pos, neg, cfg=1.0, steps=2))
 
 
 def test_real_cfg_steps_switch_at_the_named_step(fam, conds):
@@ -143,14 +148,14 @@ def test_batch_and_masked_conditioning_work(comfy, fixture_checkpoints):
         sample(fam, single_pass(new_head(fam.model)), pos, neg, cfg=5.0, batch=3, steps=2)
     assert calls.rows == [3, 3]
     one = sample(fam, model, pos, neg, cfg=5.0, batch=3, steps=2)
-    assert torch.allclose(one, sample(fam, fam.model, pos, neg, cfg=5.0, batch=3, steps=2), **TOL)
+    assert close(one, sample(fam, fam.model, pos, neg, cfg=5.0, batch=3, steps=2))
     # a masked second prompt: the uncond is re-blended with the entries' own masks
     mask = SolidMask().solid(1.0, 64, 64)[0]
     mask[:, :, 32:] = 0
     masked = ConditioningSetMask().append(encode(fam, "a blue sphere"), mask, "default", 1.0)[0]
     both = ConditioningCombine().combine(pos, masked)[0]
     two = sample(fam, fam.model, both, neg, cfg=5.0, steps=3)
-    assert torch.allclose(sample(fam, model, both, neg, cfg=5.0, steps=3), two, **TOL)
+    assert close(sample(fam, model, both, neg, cfg=5.0, steps=3), two)
     # an area prompt runs on its crop: with a fresh head the result is still the cfg 1 image
     area = ConditioningSetArea().append(encode(fam, "a blue sphere"), 32, 32, 0, 0, 1.0)[0]
     with_area = ConditioningCombine().combine(pos, area)[0]
@@ -167,8 +172,8 @@ def test_nodes_that_read_the_uncond_get_the_heads(comfy, fixture_checkpoints):
     pos, neg = encode(fam, "a red cube"), encode(fam, "")
     star = CFGZeroStar.execute(fam.model).result[0]
     star_one = CFGZeroStar.execute(single_pass(oracle(fam, neg))).result[0]
-    assert torch.allclose(sample(fam, star_one, pos, neg, cfg=5.0, steps=3),
-                          sample(fam, star, pos, neg, cfg=5.0, steps=3), **TOL)
+    assert close(sample(fam, star_one, pos, neg, cfg=5.0, steps=3),
+                 sample(fam, star, pos, neg, cfg=5.0, steps=3))
 
 
 @pytest.mark.parametrize("family", ["eps", "flow"])
@@ -195,7 +200,7 @@ def test_guider_for_sampler_custom_advanced(comfy, fixture_checkpoints, family):
         run(SupercondSinglePassGuider.execute(new_head(fam.model), pos, 5.0).result[0])
     assert calls.rows == [1, 1, 1]
     known = SupercondSinglePassGuider.execute(oracle(fam, neg), pos, 5.0).result[0]
-    assert torch.allclose(run(known), run(CFGGuider().get_guider(fam.model, pos, neg, 5.0)[0]), **TOL)
+    assert close(run(known), run(CFGGuider().get_guider(fam.model, pos, neg, 5.0)[0]))
 
 
 def test_doubled_output_channels_are_split(comfy, fixture_checkpoints):
@@ -215,9 +220,9 @@ def test_doubled_output_channels_are_split(comfy, fixture_checkpoints):
         one = sample(dfam, single_pass(two_head), pos, neg, cfg=3.0, steps=3)
     assert calls.rows == [1, 1, 1]
     # cfg 1 with the split model is the plain model's cfg 1; cfg 3 differs (the uncond half is halved)
-    assert torch.allclose(sample(dfam, single_pass(two_head), pos, neg, cfg=1.0, steps=3),
-                          sample(fam, fam.model, pos, neg, cfg=1.0, steps=3), **TOL)
-    assert not torch.allclose(one, sample(fam, fam.model, pos, neg, cfg=1.0, steps=3), **TOL)
+    assert close(sample(dfam, single_pass(two_head), pos, neg, cfg=1.0, steps=3),
+                 sample(fam, fam.model, pos, neg, cfg=1.0, steps=3))
+    assert not close(one, sample(fam, fam.model, pos, neg, cfg=1.0, steps=3))
 
 
 def test_head_file_round_trip_and_misfits(comfy, fixture_checkpoints, tmp_path, monkeypatch):
