@@ -168,11 +168,11 @@ def test_dataset_example_cache_and_caption_dropout(fixture_checkpoints, input_di
     assert lat["samples"].shape == (8, 4, 8, 8) and len(cond) == 8
     assert (input_dir / "supercond_example" / "example_00.txt").exists()
     calls = []
-    monkeypatch.setattr(fam.vae, "encode", lambda *a: calls.append(1))
-    lat2, cond2 = load_dataset(fam, "supercond_example")  # from the cache: no encoding
+    with monkeypatch.context() as m:
+        m.setattr(fam.vae, "encode", lambda *a: calls.append(1))
+        lat2, cond2 = load_dataset(fam, "supercond_example")  # from the cache: no encoding
     assert not calls and torch.equal(lat2["samples"], lat["samples"])
     assert torch.equal(cond2[3][0], cond[3][0])
-    monkeypatch.undo()
     run(fam, {"samples": lat["samples"][:2]}, cond[:2], steps=2, caption_dropout=0.5, cep_gamma=1.0,
         input_perturbation=0.1, offset_noise=0.1, pyramid_iterations=2, loss_weighting="min_snr")
 
