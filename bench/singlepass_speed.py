@@ -7,7 +7,8 @@ medians. Rows per size:
 - forward b1 / b2: the bare diffusion-model call at batch 1 and 2: the physical limit of the
   ratio (single-pass is one b1 call per step, CFG one b2 call);
 - cfg: stock KSampler, cfg 5, euler; single-pass (projection / last_block): the same with
-  SupercondNewHead -> SupercondSinglePass at the same steps and scale;
+  SupercondNewHead -> SupercondSinglePass at the same steps and scale; seconds per step are
+  (time of 2*steps - time of steps) / steps, so per-run fixed costs cancel;
 - head: the head's own cost per call, timed alone on captured features (% of a b1 forward).
 Peak memory is the process's peak RSS growth during each variant (CPU; on CUDA the allocator peak).
 Targets: single-pass >= 1.85x faster than CFG, head <= 3% of a forward.
@@ -35,10 +36,18 @@ def peak_mb() -> float:
 
 
 def sampler_run(model, pos, neg, steps: int, size: int, cfg: float = 5.0):
+    """Seconds per step without the per-run fixed costs (loading the patched clone, conds,
+    wrappers): a run of 2*steps minus a run of steps, divided by steps."""
     import nodes
 
     latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
-    return lambda: nodes.common_ksampler(model, 0, steps, cfg, "euler", "normal", pos, neg, latent)
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        nodes.common_ksampler(model, 0, n, cfg, "euler", "normal", pos, neg, latent)
+        return time.perf_counter() - t0
+
+    return lambda: (run(2 * steps) - run(steps)) / steps
 
 
 def forward_run(model, pos, size: int, batch: int):
@@ -76,9 +85,9 @@ def variants(model, pos, neg, size: int, steps: int) -> dict:
     return {
         "forward b1": (forward_run(model, pos, size, 1), 1),
         "forward b2": (forward_run(model, pos, size, 2), 1),
-        "cfg": (sampler_run(model, pos, neg, steps, size), steps),
-        "single-pass projection": (sampler_run(sp("projection"), pos, neg, steps, size), steps),
-        "single-pass last_block": (sampler_run(sp("last_block"), pos, neg, steps, size), steps),
+        "cfg": (sampler_run(model, pos, neg, steps, size), None),
+        "single-pass projection": (sampler_run(sp("projection"), pos, neg, steps, size), None),
+        "single-pass last_block": (sampler_run(sp("last_block"), pos, neg, steps, size), None),
         "head projection": (head_run(model, "projection", pos, size), 1),
         "head last_block": (head_run(model, "last_block", pos, size), 1),
     }
@@ -94,6 +103,9 @@ def measure(vs: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]
             mem[name] = peak_mb() - before
         for _ in range(repeats):
             for name, (fn, per) in vs.items():
+                if per is None:  # the function measures itself (seconds per step)
+                    times[name].append(fn())
+                    continue
                 t0 = time.perf_counter()
                 fn()
                 times[name].append((time.perf_counter() - t0) / per)
