@@ -70,6 +70,26 @@ def set_widgets(page: Any, node_type: str, values: dict[str, Any]) -> int:
     )
 
 
+def shrink_graph(page: Any, size: int = 64, max_steps: int = 4) -> None:
+    """The editor-side twin of ``tools.workflows.shrink``: set the same widgets a user would
+    turn down (latent size, any ``steps``, a dataset ``resolution``) so examples run quickly on
+    the tiny fixtures."""
+    page.evaluate(
+        """([size, maxSteps]) => {
+            for (const node of window.app.graph._nodes) {
+                for (const w of node.widgets || []) {
+                    if (typeof w.value !== "number") continue;
+                    if (node.type.startsWith("Empty") && (w.name === "width" || w.name === "height")) w.value = size;
+                    if (w.name === "resolution") w.value = Math.min(w.value, size);
+                    if (w.name === "steps") w.value = Math.min(w.value, maxSteps);
+                }
+            }
+            window.app.graph.setDirtyCanvas(true, true);
+        }""",
+        [size, max_steps],
+    )
+
+
 def queue_and_wait(page: Any, timeout_ms: int = 600_000) -> dict:
     """Queue the loaded graph as the Run button does; wait for that prompt's success or error.
 
