@@ -71,6 +71,31 @@ def overhead(vs: dict, neg, steps: int, size: int, repeats: int) -> dict[str, fl
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def hook_cost(model, pos, rows: int = 2, calls: int = 200) -> dict[str, float]:
+    """Seconds the CEP / CADS wrapper adds per model call, timed alone on real conds: the
+    overhead without the machine noise of whole sampling runs."""
+    import comfy.conds
+
+    from supercond.nodes import perturb_hook as hook
+
+    entry = {"model_conds": {"c_crossattn": comfy.conds.CONDCrossAttn(pos[0][0])},
+             "pooled_output": pos[0][1].get("pooled_output")}
+    configs = {"CEP": hook.CEPConfig(1.0, "uniform", "paper", "tokens", "positive", "every_step"),
+               "CADS": hook.CADSConfig(0.6, 0.9, 0.25, 1.0, "tokens", "positive", "sigma")}
+    ms = model.get_model_object("model_sampling")
+    out = {}
+    for name, cfg in configs.items():
+        h = hook.PerturbHook(cfg)
+        state = hook.RunState(seed=0, sample_sigmas=torch.tensor([14.6, 7.0, 0.0]), model_sampling=ms)
+        t0 = time.perf_counter()
+        for call in range(calls):
+            fn = h._perturb_fn(state, call, 7.0 if call % 2 else 14.6)  # CADS active and past tau2
+            if fn is not None:
+                hook.perturb_entry(entry, cfg.apply_to, rows, lambda t, part: fn(t, (0, 0, part)))
+        out[name] = (time.perf_counter() - t0) / calls
+    return out
+
+
 def diversity(vs: dict, neg, steps: int, size: int, seeds: int) -> dict[str, float]:
     out = {}
     for name, (m, p) in vs.items():
@@ -93,15 +118,21 @@ def main() -> None:
     vs = variants(model, pos)
     log.info(header(f"conditioning perturbation on the SD1.x fixture, {args.size}px, {args.steps} steps, cfg 7, euler"))
     med = overhead(vs, neg, args.steps, args.size, args.repeats)
-    div = diversity(vs, neg, args.div_steps, args.size, args.seeds)
+    cost = hook_cost(model, pos)
+    div = diversity(vs, neg, args.div_steps, args.size, args.seeds) if args.seeds else {k: float("nan") for k in vs}
     base = med["none"]
     log.info(f"{'variant':<22}{'s/run (median)':>16}{'overhead':>10}{'diversity':>12}{'vs none':>9}")
     for name in vs:
         log.info(f"{name:<22}{med[name]:>16.3f}{(med[name] / base - 1) * 100:>+9.1f}%"
                  f"{div[name]:>12.2f}{div[name] / div['none']:>8.2f}x")
+    step = base / args.steps
+    for name, c in cost.items():
+        log.info(f"{name} wrapper alone: {c * 1e3:.2f} ms per model call = {c / step * 100:.3f}% of a step "
+                 f"({step:.3f} s, cfg batch 2)")
     log.info(f"# median of {args.repeats} interleaved runs; diversity = mean pairwise L2 of final latents over "
              f"{args.seeds} seeds ({args.div_steps} steps)")
-    _plot(med, div)
+    if args.seeds:
+        _plot(med, div)
 
 
 def _plot(med: dict, div: dict) -> None:
