@@ -56,3 +56,41 @@ def results_dir() -> Path:
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+
+
+class PeakRSS:
+    """Peak resident memory above the starting level while the block runs, in MiB.
+
+    ru_maxrss only ever grows, so after the model is loaded it says nothing about a variant's
+    transient allocations; this samples the process RSS from a thread instead (on CUDA use
+    torch.cuda.max_memory_allocated).
+    """
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.peak_mb = 0.0
+
+    def __enter__(self) -> PeakRSS:
+        import threading
+
+        import psutil
+
+        self._proc = psutil.Process()
+        self._base = self._proc.memory_info().rss
+        self._peak = self._base
+        self._stop = threading.Event()
+
+        def poll() -> None:
+            while not self._stop.is_set():
+                self._peak = max(self._peak, self._proc.memory_info().rss)
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._proc.memory_info().rss)
+        self.peak_mb = (self._peak - self._base) / 2**20

@@ -91,7 +91,7 @@ def hook_cost(model, pos, rows: int = 2, calls: int = 200) -> dict[str, float]:
         for call in range(calls):
             fn = h._perturb_fn(state, call, 7.0 if call % 2 else 14.6)  # CADS active and past tau2
             if fn is not None:
-                hook.perturb_entry(entry, cfg.apply_to, rows, lambda t, part: fn(t, (0, 0, part)))
+                hook.perturb_entry(entry, cfg.apply_to, rows, lambda t, part, f=fn: f(t, (0, 0, part)))
         out[name] = (time.perf_counter() - t0) / calls
     return out
 

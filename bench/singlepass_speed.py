@@ -10,7 +10,8 @@ medians. Rows per size:
   SupercondNewHead -> SupercondSinglePass at the same steps and scale; seconds per step are
   (time of 2*steps - time of steps) / steps, so per-run fixed costs cancel;
 - head: the head's own cost per call, timed alone on captured features (% of a b1 forward).
-Peak memory is the process's peak RSS growth during each variant (CPU; on CUDA the allocator peak).
+Peak memory is the process's peak RSS above its level before each variant, sampled from a thread
+(CPU), after a warm-up run of every variant.
 Targets: single-pass >= 1.85x faster than CFG, head <= 3% of a forward.
 """
 
@@ -18,21 +19,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import resource
 import statistics
 import time
 
 import torch
-from _common import header, results_dir, setup_logging
+from _common import PeakRSS, header, results_dir, setup_logging
 from perturb_sampling import load_sd15
 
 log = logging.getLogger("supercond.bench.singlepass")
-
-
-def peak_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def sampler_run(model, pos, neg, steps: int, size: int, cfg: float = 5.0):
@@ -97,10 +91,12 @@ def measure(vs: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]
     times: dict[str, list[float]] = {k: [] for k in vs}
     mem: dict[str, float] = {}
     with torch.inference_mode():
-        for name, (fn, _) in vs.items():  # warm-up, and the peak each variant adds
-            before = peak_mb()
+        for fn, _ in vs.values():  # warm-up (loads each clone once) ...
             fn()
-            mem[name] = peak_mb() - before
+        for name, (fn, _) in vs.items():  # ... then the peak each variant adds above the loaded model
+            with PeakRSS() as peak:
+                fn()
+            mem[name] = peak.peak_mb
         for _ in range(repeats):
             for name, (fn, per) in vs.items():
                 if per is None:  # the function measures itself (seconds per step)
