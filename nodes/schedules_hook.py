@@ -100,7 +100,11 @@ class NoiseCorrection:
         s0, s1 = sigmas[0], sigmas[1]
         x = ms.noise_scaling(s0, noise, latent_image, True)  # exactly what KSAMPLER.sample would start from
         s_in = x.new_ones([x.shape[0]])
-        denoised = guider(x, s0 * s_in, model_options=extra_args.get("model_options", {}), seed=extra_args.get("seed"))
+        # No autograd, like k-diffusion's samplers: a grad-enabled caller would otherwise keep the
+        # first call's graph alive through the corrected noise for the whole run.
+        with torch.no_grad():
+            denoised = guider(x, s0 * s_in, model_options=extra_args.get("model_options", {}),
+                              seed=extra_args.get("seed"))
         x1 = sched.noise_correction_step(geo, x, denoised, noise.to(x.dtype), s0, s1, self.strength)
         total = len(sigmas) - 1
         if callback is not None:
