@@ -46,7 +46,9 @@ def spacing_timesteps(spacing: str, steps: int, num_timesteps: int = 1000) -> to
     if spacing == "trailing":
         t = torch.round(torch.arange(T, 0, -T / steps, dtype=torch.float64)) - 1
     elif spacing == "leading":
-        t = torch.arange(steps, dtype=torch.float64).flip(0) * (T // steps) + 1
+        stride = T // steps
+        offset = min(1, T - 1 - (steps - 1) * stride)  # SD's +1, unless it would run past T-1
+        t = torch.arange(steps, dtype=torch.float64).flip(0) * stride + offset
     elif spacing == "linspace":
         t = torch.round(torch.linspace(T - 1, 0, steps, dtype=torch.float64))
     else:
