@@ -36,6 +36,7 @@ from torch import nn
 
 import_pack()
 perturb = importlib.import_module("supercond.core.perturb")
+schedules = importlib.import_module("supercond.core.schedules")
 
 Tensor = torch.Tensor
 
@@ -169,16 +170,7 @@ class VPSchedule:
         ``trailing`` starts at T-1 (the spacing that reaches the noisiest step); ``leading`` is SD's
         DDIM default (arange * T//n, plus offset 1); ``linspace`` rounds linspace(T-1, 0, n).
         """
-        T = self.num_steps
-        if spacing == "trailing":
-            t = torch.round(torch.arange(T, 0, -T / n, dtype=torch.float64)) - 1
-        elif spacing == "leading":
-            t = torch.arange(n, dtype=torch.float64).flip(0) * (T // n) + 1
-        elif spacing == "linspace":
-            t = torch.round(torch.linspace(T - 1, 0, n, dtype=torch.float64))
-        else:
-            raise ValueError(f"unknown spacing {spacing!r}")
-        return t.long().clamp(0, T - 1)
+        return schedules.spacing_timesteps(spacing, n, self.num_steps)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -126,26 +126,22 @@ def save_atomic(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata:
     """Write a safetensors file through a temporary file in the same folder, then rename it into place."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(dict(tensors), tmp, metadata={k: str(v) for k, v in metadata.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return _write_atomic(path, ".safetensors", lambda tmp: save_file(
+        dict(tensors), tmp, metadata={k: str(v) for k, v in metadata.items()}))
 
 
 def torch_save_atomic(path: str | Path, obj: object) -> Path:
+    return _write_atomic(path, ".pt", lambda tmp: torch.save(obj, tmp))
+
+
+def _write_atomic(path: str | Path, suffix: str, write: Callable[[str], object]) -> Path:
+    """Write to a temporary file in the target folder, then rename: a reader never sees half a file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -71,14 +70,12 @@ def comfy(comfyui: Path):
 @pytest.fixture(scope="session")
 def models_dir(comfyui: Path) -> Path:
     """Generated fixture checkpoints, cached outside the repository between runs."""
-    out = paths.cache_dir() / "models"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "fixtures.py"), "--comfyui", str(comfyui), "--out", str(out)],
-        capture_output=True, text=True, timeout=1200,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"generating fixture models failed:\n{proc.stderr[-4000:]}", pytrace=False)
-    return out
+    from supercond.tools.inprocess import FixtureError, ensure_fixtures
+
+    try:
+        return ensure_fixtures(comfyui)
+    except FixtureError as err:
+        pytest.fail(str(err), pytrace=False)
 
 
 @pytest.fixture(scope="session")

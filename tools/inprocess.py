@@ -29,9 +29,15 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+class FixtureError(RuntimeError):
+    """Generating the fixture checkpoints failed; the message ends with the generator's log."""
+
+
 def ensure_fixtures(comfyui: Path, python: str = sys.executable) -> Path:
-    """Generate (or reuse) the fixture checkpoints; returns the models directory."""
+    """Generate (or reuse) the fixture checkpoints in a subprocess; returns the models directory."""
     out = cache_dir() / "models"
-    subprocess.run([python, str(PACK_DIR / "tools" / "fixtures.py"), "--comfyui", str(comfyui), "--out", str(out)],
-                   check=True, stdout=subprocess.DEVNULL)
+    proc = subprocess.run([python, str(PACK_DIR / "tools" / "fixtures.py"), "--comfyui", str(comfyui),
+                           "--out", str(out)], capture_output=True, text=True, timeout=1200)
+    if proc.returncode != 0:
+        raise FixtureError(f"generating fixture models failed:\n{proc.stderr[-4000:]}")
     return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,15 +39,14 @@ def main() -> int:
 
     _import_pack()
     from supercond.tools import paths, workflows
+    from supercond.tools.inprocess import ensure_fixtures
     from supercond.tools.server import ComfyClient, ComfyServer
 
     comfyui = paths.find_comfyui()
     if comfyui is None:
         log.error("ComfyUI not found: set COMFYUI_PATH")
         return 1
-    models = paths.cache_dir() / "models"
-    subprocess.run([sys.executable, str(REPO / "tools" / "fixtures.py"), "--comfyui", str(comfyui),
-                    "--out", str(models)], check=True, stdout=subprocess.DEVNULL)
+    models = ensure_fixtures(comfyui)
     user = {"v1-5-pruned-emaonly-fp16.safetensors": args.checkpoint,
             "sd3_medium_incl_clips.safetensors": args.sd3_checkpoint}
     args.out.mkdir(parents=True, exist_ok=True)
