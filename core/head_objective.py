@@ -1,0 +1,106 @@
+"""Objectives for training a second (unconditional) output head, pure torch.
+
+Two ways to get a head (seed 003 and research/singlepass.md section 4):
+
+- **gist** (madebyollin's single-pass superconditioning): about 10% of a batch gets a rolled
+  caption, the previous sample's. A caption drawn independently of the image carries no
+  information about it, so the second output trained on those samples learns the unconditional
+  prediction; the first output is trained on the others only.
+- **distill**: a frozen model teaches the head its own prediction for the empty prompt. The guided
+  error is ``(s - 1) * (u_hat - u)`` at scale ``s``, so each sample is weighted by ``(s - 1)^2``
+  for a scale drawn from the range the head will be used at, plus a floor so the head is still
+  learned near ``s = 1``.
+
+Per-sample errors are means over every non-batch axis, so the loss scale does not depend on the
+latent size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GIST_FRACTION = 0.1  # the gist's share of rolled captions
+DISTILL_FLOOR = 0.25  # the unweighted share of the distillation weight, (s - 1)^2 + floor
+
+
+class HeadTrainError(ValueError):
+    """Bad head-training input: the message says what was wrong and what to do."""
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+# -- gist ------------------------------------------------------------------------------------------
+def roll_captions(n: int, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(caption source index per sample, rolled mask): a rolled sample takes the previous sample's
+    caption (``torch.roll`` by one, as in the gist). The caller shuffles the batch, so the borrowed
+    caption is independent of the image."""
+    if n < 2:
+        raise HeadTrainError("gist mode rolls captions within a batch: it needs a batch of at least 2 samples")
+    if not 0.0 < fraction < 1.0:
+        raise HeadTrainError(f"the rolled fraction must be in (0, 1), got {fraction}")
+    rolled = torch.rand(n, generator=generator) < fraction
+    source = torch.arange(n)
+    source[rolled] = torch.roll(source, 1)[rolled]
+    return source, rolled
+
+
+def gist_loss(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, target: torch.Tensor,
+              rolled: torch.Tensor) -> torch.Tensor:
+    """Each sample supervises exactly one output: the unconditional one if its caption was rolled,
+    else the conditional one (the gist's masked sum, averaged over the batch)."""
+    rolled = rolled.to(pred_cond.device)
+    per_cond = per_sample_mse(pred_cond, target)
+    per_uncond = per_sample_mse(pred_uncond, target)
+    return torch.where(rolled, per_uncond, per_cond).mean()
+
+
+# -- distillation ----------------------------------------------------------------------------------
+def check_scale_range(cfg_min: float, cfg_max: float) -> None:
+    if not (1.0 <= cfg_min <= cfg_max):
+        raise HeadTrainError(f"need 1 <= cfg_min <= cfg_max, got cfg_min {cfg_min} and cfg_max {cfg_max}")
+
+
+def sample_scales(n: int, cfg_min: float, cfg_max: float, generator: torch.Generator) -> torch.Tensor:
+    check_scale_range(cfg_min, cfg_max)
+    return cfg_min + (cfg_max - cfg_min) * torch.rand(n, generator=generator)
+
+
+def guidance_weight(scales: torch.Tensor, floor: float = DISTILL_FLOOR) -> torch.Tensor:
+    return (scales - 1.0).pow(2) + floor
+
+
+def mean_guidance_weight(cfg_min: float, cfg_max: float, floor: float = DISTILL_FLOOR) -> float:
+    """E[(s - 1)^2] + floor for s uniform on [cfg_min, cfg_max] (closed form)."""
+    check_scale_range(cfg_min, cfg_max)
+    a, b = cfg_min - 1.0, cfg_max - 1.0
+    mean_sq = a * a if b == a else (b**3 - a**3) / (3.0 * (b - a))
+    return mean_sq + floor
+
+
+def distill_loss(uncond_hat: torch.Tensor, uncond_teacher: torch.Tensor, scales: torch.Tensor,
+                 cfg_min: float, cfg_max: float, floor: float = DISTILL_FLOOR) -> torch.Tensor:
+    """Scale-weighted error of the head's unconditional prediction against the teacher's, normalised
+    by the mean weight of the range so the learning rate means the same for any range."""
+    w = guidance_weight(scales.to(uncond_hat.device).float(), floor) / mean_guidance_weight(cfg_min, cfg_max, floor)
+    return (w * per_sample_mse(uncond_hat, uncond_teacher)).mean()
+
+
+def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    return uncond + scale * (cond - uncond)
+
+
+def guidance_errors(cond: torch.Tensor, uncond: torch.Tensor, uncond_hat: torch.Tensor,
+                    scale: float) -> dict[str, float]:
+    """How far single-pass guidance is from two-pass CFG at one scale:
+
+    - ``rel_guided``: |guided_hat - guided| / |guided|, the error of what the sampler uses;
+    - ``rel_delta``: |u_hat - u| / |c - u|, the error of the guidance direction (scale-free).
+    """
+    g = guided(cond, uncond, scale).float()
+    g_hat = guided(cond, uncond_hat, scale).float()
+    eps = torch.finfo(torch.float32).tiny
+    return {"rel_guided": float((g_hat - g).norm() / g.norm().clamp_min(eps)),
+            "rel_delta": float((uncond_hat.float() - uncond.float()).norm()
+                               / (cond.float() - uncond.float()).norm().clamp_min(eps))}
