@@ -1,9 +1,9 @@
-// Live loss chart inside SupercondTrainLoRA: a canvas DOM widget fed by the throttled
+// Live loss chart inside the trainer nodes (SupercondTrainLoRA, SupercondTrainHead): a canvas DOM widget fed by the throttled
 // "supercond.loss" event ({node, steps, losses, total, reset}) that nodes/events.py sends.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const NODE_ID = "SupercondTrainLoRA";
+const TRAINER_NODES = new Set(["SupercondTrainLoRA", "SupercondTrainHead"]);
 
 function draw(node) {
   const c = node.__scLoss?.canvas;
@@ -38,7 +38,7 @@ function draw(node) {
 app.registerExtension({
   name: "supercond.LossChart",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name !== NODE_ID) return;
+    if (!TRAINER_NODES.has(nodeData.name)) return;
     const created = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const r = created?.apply(this, arguments);
