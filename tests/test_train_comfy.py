@@ -194,3 +194,111 @@ def test_dataset_errors_name_the_file(fixture_checkpoints, input_dir):
         load_dataset(fam, "bad")
     with pytest.raises(DatasetError, match="outside"):
         load_dataset(fam, "../../etc")
+
+
+def saved_tensors(loras, prefix: str, step: int) -> tuple[dict, list]:
+    """The kohya file (fp16) and the trainer state's fp32 LoRA parameters of one checkpoint."""
+    import comfy.utils
+
+    stem = loras / f"{prefix}_{step:06d}"
+    state = torch.load(f"{stem}.state.pt", weights_only=True)
+    return comfy.utils.load_torch_file(f"{stem}.safetensors"), state["params"]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_twenty_steps_equal_ten_then_resume_ten(fixture_checkpoints, loras, monkeypatch, schedule):
+    """Every draw is seeded per (seed, step, micro-step) and the optimizer state is saved, so a run
+    resumed at step 10 continues exactly like the straight one. Exercised with everything that
+    depends on the step: epochs crossing steps (3 latents, 2 per step), grad accumulation, warmup,
+    CEP, input perturbation, offset and pyramid noise, min-SNR.
+
+    constant: a 10-step run, then resume with steps 20. cosine decays to 0 at `steps`, so a 10-step
+    cosine run is a different schedule by design; there the first half is a 20-step run cancelled
+    after step 10 (what a user resumes from), then resumed.
+
+    Bit-identical on the CPU: the same ops on the same shapes in the same order, no atomics. On a
+    GPU, nondeterministic kernels (e.g. atomics in conv backward) would need a tolerance, stated here."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    fam = fam_of("eps", fixture_checkpoints)
+    lat, cond = data(fam, n=3)
+    kw = dict(learning_rate=1e-3, batch_size=1, grad_accumulation=2, lr_schedule=schedule, warmup_steps=3,
+              cep_gamma=1.0, input_perturbation=0.1, offset_noise=0.1, pyramid_iterations=2,
+              loss_weighting="min_snr", seed=7)
+    _, straight_path, _ = run(fam, lat, cond, steps=20, filename_prefix="straight/lora", **kw).result
+    if schedule == "constant":
+        run(fam, lat, cond, steps=10, filename_prefix="resumed/lora", **kw)
+    else:
+        def hook(value, total, preview, node_id=None):  # Cancel after step 10
+            if value == 10:
+                raise mm.InterruptProcessingException()
+
+        monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+        with pytest.raises(mm.InterruptProcessingException):
+            run(fam, lat, cond, steps=20, filename_prefix="resumed/lora", **kw)
+        monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
+    assert sorted(p.name for p in (loras / "resumed").glob("*.safetensors")) == ["lora_000010.safetensors"]
+    _, resumed_path, _ = run(fam, lat, cond, steps=20, filename_prefix="resumed/lora", resume=True, **kw).result
+    assert straight_path.endswith("straight/lora_000020.safetensors")
+    assert resumed_path.endswith("resumed/lora_000020.safetensors")
+    a, pa = saved_tensors(loras, "straight/lora", 20)
+    b, pb = saved_tensors(loras, "resumed/lora", 20)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), (k, (a[k].float() - b[k].float()).abs().max())
+    assert len(pa) == len(pb) and all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
+    # the resumed half did train: step 10 is not step 20
+    mid, _ = saved_tensors(loras, "resumed/lora", 10)
+    assert any(not torch.equal(mid[k], a[k]) for k in a if k.endswith("lora_up.weight"))
+
+
+def test_cep_is_not_applied_outside_training(fixture_checkpoints, loras):
+    """cep_gamma > 0 perturbs the training conditioning only: the returned MODEL samples exactly like
+    the saved file loaded by the stock LoraLoader, sees the CLIPTextEncode tensors bit-for-bit at
+    sampling time, and the CONDITIONING given to the node is left as it was."""
+    import comfy.model_management as mm
+    import nodes
+    from comfy_helpers import CondRecorder, encode, sample
+
+    fam = fam_of("eps", fixture_checkpoints)
+    lat, cond = data(fam)
+    before = [(t, t.clone(), dict(extra), {k: v.clone() for k, v in extra.items() if isinstance(v, torch.Tensor)})
+              for t, extra in cond]
+    model, path, _ = run(fam, lat, cond, steps=3, learning_rate=1e-2, cep_gamma=1.0, filename_prefix="cep/lora").result
+    # the CONDITIONING object is untouched: same entries, same tensor objects, same values
+    assert len(cond) == len(before)
+    for (t, extra), (t0, v0, extra0, tensors0) in zip(cond, before, strict=True):
+        assert t is t0 and torch.equal(t, v0) and extra == extra0
+        assert all(torch.equal(extra[k], v) for k, v in tensors0.items())
+    # CEP did act during training (else the checks below would prove nothing)
+    _, plain_path, _ = run(fam, lat, cond, steps=3, learning_rate=1e-2, filename_prefix="plain/lora").result
+    import comfy.utils
+
+    cep_sd, plain_sd = comfy.utils.load_torch_file(path), comfy.utils.load_torch_file(plain_path)
+    assert any(not torch.equal(cep_sd[k], plain_sd[k]) for k in cep_sd)
+
+    (loaded, _) = nodes.LoraLoader().load_lora(fam.model, fam.clip, "cep/lora_000003.safetensors", 1.0, 0.0)
+    pos, neg = encode(fam, "a red cube"), encode(fam, "")
+    seen: list[torch.Tensor] = []
+
+    def pre_hook(module, args, kwargs):  # what the UNet itself receives
+        seen.append(kwargs["context"].detach().clone())
+
+    rec = CondRecorder()
+    handle = fam.model.model.diffusion_model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        trained = sample(fam, rec.install(model), pos, neg)
+    finally:
+        handle.remove()
+    mm.unload_all_models()  # the next sample patches the weights afresh from `loaded`'s patches
+    stock = sample(fam, loaded, pos, neg)
+    assert torch.equal(trained, stock), (trained - stock).abs().max()
+    assert rec.calls and seen
+    for call in rec.calls:
+        assert torch.equal(call[0]["c_crossattn"], pos[0][0])
+        assert torch.equal(call[1]["c_crossattn"], neg[0][0])
+    for ctx in seen:
+        rows = [r for r in ctx]
+        assert all(torch.equal(r, pos[0][0][0]) or torch.equal(r, neg[0][0][0]) for r in rows)
+        assert any(torch.equal(r, pos[0][0][0]) for r in rows)
