@@ -302,3 +302,32 @@ def test_cep_is_not_applied_outside_training(fixture_checkpoints, loras):
         rows = [r for r in ctx]
         assert all(torch.equal(r, pos[0][0][0]) or torch.equal(r, neg[0][0][0]) for r in rows)
         assert any(torch.equal(r, pos[0][0][0]) for r in rows)
+
+
+def test_interrupt_between_micro_batches_stops_within_the_step(fixture_checkpoints, loras):
+    """With grad_accumulation 4 a step is 4 forward+backward passes: an interrupt raised during the
+    2nd pass of step 2 (ComfyUI's real flag, as POST /interrupt sets it) stops before the 3rd pass,
+    not at the end of the step, and the checkpoint kept is step 1, the last completed one."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    fam = fam_of("eps", fixture_checkpoints)
+    lat, cond = data(fam)
+    calls = []
+
+    def pre_hook(module, args):
+        calls.append(1)
+        if len(calls) == 6:  # step 2 (0-based 1), micro-batch 2
+            mm.interrupt_current_processing(True)
+
+    handle = fam.model.model.diffusion_model.register_forward_pre_hook(pre_hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run(fam, lat, cond, steps=3, grad_accumulation=4, filename_prefix="m/lora")
+    finally:
+        handle.remove()
+        mm.interrupt_current_processing(False)
+    assert len(calls) == 6
+    saved = sorted(p.name for p in (loras / "m").glob("*.safetensors"))
+    assert saved == ["lora_000001.safetensors"]
+    assert comfy.utils.load_torch_file(str(loras / "m" / saved[0]))
