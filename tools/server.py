@@ -36,6 +36,7 @@ class RunResult:
     prompt_id: str
     status: str  # success | error | interrupted | timeout
     events: list[dict] = field(default_factory=list)
+    arrived: list[float] = field(default_factory=list)  # time.monotonic() at which each event arrived
     history: dict = field(default_factory=dict)
     error: dict | None = None
 
@@ -73,17 +74,26 @@ class ComfyServer:
         self.log_path = self.workdir / "comfyui.log"
         self.proc: subprocess.Popen | None = None
 
+    @property
+    def loras_dir(self) -> Path:
+        """The first loras folder: where the trainer writes during tests (never ComfyUI's own)."""
+        return self.workdir / "loras"
+
     def _write_paths_config(self) -> Path:
         lines = ["supercond_pack:", f"    custom_nodes: {PACK_DIR.parent}"]
         if self.models_dir is not None:
             lines += ["supercond_models:", f"    base_path: {self.models_dir}"]
             lines += [f"    {name}: {name}" for name in MODEL_FOLDERS]
+        # is_default puts this folder first in folder_paths' list, ahead of ComfyUI's models/loras, so
+        # files written by the server (folder_paths.get_folder_paths("loras")[0]) stay in the workdir.
+        lines += ["supercond_workdir:", f"    base_path: {self.workdir}", "    is_default: true",
+                  f"    loras: {self.loras_dir.name}"]
         cfg = self.workdir / "extra_model_paths.yaml"
         cfg.write_text("\n".join(lines) + "\n")
         return cfg
 
     def start(self, timeout: float = 180.0) -> ComfyServer:
-        for sub in ("input", "output", "temp", "user"):
+        for sub in ("input", "output", "temp", "user", self.loras_dir.name):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         if self.models_dir is not None:
             for name in MODEL_FOLDERS:
@@ -182,6 +192,7 @@ class ComfyClient:
                 ws.settimeout(max(deadline - time.monotonic(), 0.1))
                 try:
                     raw = ws.recv()
+                    got = time.monotonic()
                 except websocket.WebSocketTimeoutException:
                     break
                 if not isinstance(raw, str):
@@ -191,6 +202,7 @@ class ComfyClient:
                 if data.get("prompt_id") not in (None, pid):
                     continue
                 result.events.append(msg)
+                result.arrived.append(got)
                 kind = msg.get("type")
                 if kind == "execution_error":
                     result.status, result.error = "error", data
