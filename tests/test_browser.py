@@ -38,13 +38,14 @@ def test_example_loads_queues_and_succeeds_in_the_editor(page, server, path, art
     wf = workflows.load(path)
     browser.load_workflow(page, wf)
     assert browser.missing_node_types(page, wf) == []
-    # What a user does with an example: pick a checkpoint they have; small and quick here.
-    for name, fixture in workflows.FIXTURE_FOR_CHECKPOINT.items():
-        page.evaluate(
-            """([name, fixture]) => { for (const n of window.app.graph._nodes)
-                for (const w of n.widgets || []) if (w.name === 'ckpt_name' && w.value === name) w.value = fixture; }""",
-            [name, fixture],
-        )
+    # What a user does with an example: pick a checkpoint (and LoRA) they have; small and quick here.
+    for widget, mapping in workflows.FIXTURE_FOR_WIDGET.items():
+        for name, fixture in mapping.items():
+            page.evaluate(
+                """([widget, name, fixture]) => { for (const n of window.app.graph._nodes)
+                    for (const w of n.widgets || []) if (w.name === widget && w.value === name) w.value = fixture; }""",
+                [widget, name, fixture],
+            )
     browser.shrink_graph(page, size=64, max_steps=3)
     browser.set_widgets(page, "KSampler", {"seed": 1234})
     result = browser.queue_and_wait(page, timeout_ms=300_000)

@@ -229,6 +229,24 @@ def lora_train() -> tuple[dict, str]:
     return g.nodes, note
 
 
+def lora_load() -> tuple[dict, str]:
+    g = Graph()
+    ck = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
+    lora = g.add("LoraLoader", model=out(ck), clip=out(ck, 1), lora_name="supercond/example_lora_000200.safetensors",
+                 strength_model=1.0, strength_clip=1.0)
+    pos = g.add("CLIPTextEncode", "Positive", text="a red disc on a pale background, supercond style",
+                clip=out(lora, 1))
+    neg = g.add("CLIPTextEncode", "Negative", text="", clip=out(lora, 1))
+    lat = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    _sample_and_save(g, out(lora), out(pos), out(neg), lat, out(ck, 2), "lora_load")
+    note = ("**Use a trained LoRA**: run the `lora_train` example first; it saves "
+            "`supercond/example_lora_000200.safetensors` (and every 50 steps) under models/loras. The stock "
+            "Load LoRA node reads that kohya-format file onto the checkpoint it was trained on and gives the "
+            "trained MODEL's images. Pick another step's file, or your own prefix's, in `lora_name` "
+            "(press R to refresh the list after training); `strength_model` scales the LoRA.")
+    return g.nodes, note
+
+
 EXAMPLES: dict[str, Callable[[], tuple[dict, str]]] = {
     "cep_static": cep_static,
     "cep_sampling": cep_sampling,
@@ -240,6 +258,7 @@ EXAMPLES: dict[str, Callable[[], tuple[dict, str]]] = {
     "singlepass_ksampler": singlepass_ksampler,
     "singlepass_guider": singlepass_guider,
     "lora_train": lora_train,
+    "lora_load": lora_load,
 }
 
 

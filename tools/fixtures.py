@@ -16,8 +16,15 @@ Usage::
 
     python tools/fixtures.py --comfyui ~/comfy/ComfyUI --out DIR [--force] [--check]
 
-prints one JSON line ``{"checkpoints": {"sd15": "<abs path>", "sd3": "<abs path>"}}`` on
-stdout; logging goes to stderr. From Python: ``ensure_fixtures(comfyui, out)``.
+Plus one LoRA, ``OUT/loras/supercond/example_lora.safetensors`` (kohya format, seeded random
+weights, byte-identical between runs), that the stock ``LoraLoader`` reads: the example workflow
+``lora_load`` names the file ``lora_train`` writes, and tests and ``scripts/examples`` retarget it
+to this one. It touches only the first transformer of the UNet's first level, whose layers have
+the same shapes in the tiny SD1.x fixture and in a real SD1.x checkpoint, so it loads on both.
+
+prints one JSON line ``{"checkpoints": {"sd15": "<abs path>", "sd3": "<abs path>"}, "loras":
+{"example": "<abs path>"}}`` on stdout; logging goes to stderr. From Python:
+``ensure_fixtures(comfyui, out)``.
 
 Standalone on purpose (no imports from the pack): tests and benchmarks call it before ComfyUI
 or the pack are set up.
@@ -51,6 +58,13 @@ FILES = {
     "sd15": "supercond_sd15_tiny.safetensors",
     "sd3": "supercond_sd3_tiny.safetensors",
 }
+
+# The example LoRA (under OUT/loras); bump LORA_VERSION when its generation changes.
+LORA_FILE = "supercond/example_lora.safetensors"
+LORA_VERSION = 1
+LORA_RANK = 4
+LORA_SCOPE = "down_blocks.0.attentions.0."  # diffusers path prefix; same shapes as a real SD1.x UNet
+LORA_UP_STD = 0.08  # weight delta ~ 0.3x the layer's own weight scale: visible, not destructive
 
 # SD1.x UNet cut down to one level; keys and shapes are otherwise SD1.5's.
 SD15_UNET: dict[str, Any] = {
@@ -185,6 +199,7 @@ def ensure_fixtures(comfyui: Path, out: Path, *, force: bool = False) -> dict[st
     stamp = expected_stamp(comfyui)
     if not force and is_fresh(ckpt_dir, stamp):
         log.info("fixtures up to date in %s", ckpt_dir)
+        ensure_lora(comfyui, out, paths["sd15"])
         return paths
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -198,7 +213,74 @@ def ensure_fixtures(comfyui: Path, out: Path, *, force: bool = False) -> dict[st
         size_mb = paths[key].stat().st_size / 2**20
         log.info("generated %s (%.0f MiB) in %.1f s", paths[key].name, size_mb, time.perf_counter() - start)
     write_stamp(ckpt_dir, stamp)
+    ensure_lora(comfyui, out, paths["sd15"], force=True)
     return paths
+
+
+# --------------------------------------------------------------------------- example LoRA
+
+
+def lora_path(out: Path) -> Path:
+    return Path(out).expanduser().resolve() / "loras" / LORA_FILE
+
+
+def lora_stamp() -> dict[str, Any]:
+    return {"name": "example_lora", "fixture_version": FIXTURE_VERSION, "lora_version": LORA_VERSION}
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The header's __metadata__, read without torch (8-byte length, then JSON)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(size)).get("__metadata__", {})
+
+
+def ensure_lora(comfyui: Path, out: Path, sd15: Path, *, force: bool = False) -> Path:
+    """Write the example LoRA unless a current one is there (checked from its header only)."""
+    path = lora_path(out)
+    try:
+        fresh = json.loads(safetensors_metadata(path).get("supercond_fixture", "null")) == lora_stamp()
+    except (OSError, ValueError):
+        fresh = False
+    if fresh and not force:
+        return path
+    setup_comfy(comfyui)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = example_lora(sd15)
+    metadata = {"supercond_fixture": json.dumps(lora_stamp())}  # one entry: byte-identical files
+    from safetensors.torch import save_file
+
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    log.info("generated %s (%d layers, rank %d)", path, len(tensors) // 3, LORA_RANK)
+    return path
+
+
+def example_lora(sd15: Path) -> dict[str, torch.Tensor]:
+    """kohya keys (``lora_unet_<diffusers path>.lora_down/lora_up/alpha``) for every Linear and Conv
+    weight under LORA_SCOPE, shapes read from the checkpoint; seeded N(0, 1/fan_in) down, small up."""
+    import comfy.utils
+    import torch
+    from safetensors import safe_open
+
+    diffusers = comfy.utils.unet_to_diffusers(SD15_UNET)
+    g = torch.Generator().manual_seed(SEED + 1)
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(str(sd15), framework="pt") as f:
+        for key in sorted(k for k in diffusers if k.startswith(LORA_SCOPE) and k.endswith(".weight")):
+            shape = f.get_slice("model.diffusion_model." + diffusers[key]).get_shape()
+            if len(shape) not in (2, 4):  # norms
+                continue
+            out_ch, in_ch, *kernel = shape
+            fan_in = in_ch * math.prod(kernel)
+            name = "lora_unet_" + key[: -len(".weight")].replace(".", "_")
+            down = torch.randn(LORA_RANK, in_ch, *kernel, generator=g) / math.sqrt(fan_in)
+            up = torch.randn(out_ch, LORA_RANK, *[1 for _ in kernel], generator=g) * LORA_UP_STD / math.sqrt(LORA_RANK)
+            tensors[f"{name}.lora_down.weight"] = down.to(torch.float16)
+            tensors[f"{name}.lora_up.weight"] = up.to(torch.float16)
+            tensors[f"{name}.alpha"] = torch.tensor(float(LORA_RANK), dtype=torch.float16)
+    if not tensors:
+        raise RuntimeError(f"no layer under {LORA_SCOPE} in {sd15}")
+    return tensors
 
 
 # --------------------------------------------------------------------------- ComfyUI setup
@@ -544,7 +626,29 @@ def check_fixtures(comfyui: Path, paths: dict[str, Path]) -> dict[str, dict[str,
         report[key] = {"size_mib": round(path.stat().st_size / 2**20, 1), **check_checkpoint(key, path)}
         log.info("check %s: %s", key, json.dumps(report[key]))
     check_node_loader(comfyui, paths)
+    check_lora(paths["sd15"], paths["sd15"].parent.parent / "loras" / LORA_FILE)
     return report
+
+
+def check_lora(sd15: Path, path: Path) -> None:
+    """Every tensor of the example LoRA maps onto a layer of the SD1.x fixture, and changes its output."""
+    import comfy.lora
+    import comfy.sd
+    import comfy.utils
+    import torch
+
+    with torch.inference_mode():
+        model, clip, vae = load_and_check_type("sd15", sd15)
+        lora = comfy.utils.load_torch_file(str(path))
+        patches = comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_unet(model.model, {}), log_missing=False)
+        require(3 * len(patches) == len(lora), f"example LoRA: {len(patches)} of {len(lora) // 3} layers map")
+        cond = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))
+        empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+        a, b = sample_latent(model, cond, empty, seed=1), sample_latent(patched, cond, empty, seed=1)
+    diff = relative_difference(a, b)
+    require(1e-3 < diff < 1.0 and bool(torch.isfinite(b).all()), f"example LoRA: relative change {diff:.2e}")
+    log.info("check example LoRA: %d layers, relative change of a 4-step sample %.3f", len(patches), diff)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -574,7 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         check_fixtures(comfyui, paths)
         log.info("check passed")
-    sys.stdout.write(json.dumps({"checkpoints": {k: str(v) for k, v in paths.items()}}) + "\n")
+    sys.stdout.write(json.dumps({"checkpoints": {k: str(v) for k, v in paths.items()},
+                                 "loras": {"example": str(lora_path(args.out))}}) + "\n")
     return 0
 
 

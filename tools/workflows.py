@@ -21,6 +21,12 @@ FIXTURE_FOR_CHECKPOINT = {
     "sd3_medium_incl_clips.safetensors": "supercond_sd3_tiny.safetensors",
 }
 LOADER_INPUT = {"CheckpointLoaderSimple": "ckpt_name"}
+# The LoRA lora_train writes with its defaults (prefix supercond/example_lora, 200 steps), which
+# lora_load names, and the generated LoRA (tools/fixtures.py) that stands in for it.
+FIXTURE_FOR_LORA = {"supercond/example_lora_000200.safetensors": "supercond/example_lora.safetensors"}
+LORA_INPUT = {"LoraLoader": "lora_name", "LoraLoaderModelOnly": "lora_name"}
+# Widget name -> {example file: fixture}, for retargeting in the graph editor.
+FIXTURE_FOR_WIDGET = {"ckpt_name": FIXTURE_FOR_CHECKPOINT, "lora_name": FIXTURE_FOR_LORA}
 
 
 def example_paths() -> list[Path]:
@@ -42,15 +48,18 @@ def checkpoints_used(prompt: dict) -> list[str]:
             if n.get("class_type") in LOADER_INPUT]
 
 
-def retarget(prompt: dict, mapping: dict[str, str] | None = None) -> dict:
-    """Swap checkpoint file names (by default: each example checkpoint for its generated fixture)."""
+def retarget(prompt: dict, mapping: dict[str, str] | None = None, loras: dict[str, str] | None = None) -> dict:
+    """Swap checkpoint file names (by default: each example checkpoint for its generated fixture) and
+    LoRA file names (by default: the trained example LoRA for the generated one)."""
     mapping = FIXTURE_FOR_CHECKPOINT if mapping is None else mapping
+    loras = FIXTURE_FOR_LORA if loras is None else loras
     out = copy.deepcopy(prompt)
     for node in out.values():
-        key = LOADER_INPUT.get(node.get("class_type"))
-        if key:
-            name = node["inputs"][key]
-            node["inputs"][key] = mapping.get(name, name)
+        for table, names in ((LOADER_INPUT, mapping), (LORA_INPUT, loras)):
+            key = table.get(node.get("class_type"))
+            if key and isinstance(node["inputs"].get(key), str):
+                name = node["inputs"][key]
+                node["inputs"][key] = names.get(name, name)
     return out
 
 
