@@ -12,7 +12,13 @@ Pieces (each usable on its own):
   class embedding; the class table has one extra row, the null class used for CFG.
 - ``train``: AdamW on the eps-MSE, CFG label dropout, optional CEP on the class embeddings (through
   the pack's ``core.perturb.apply_cep``), deterministic given its seed.
-- ``ddim_sample``: deterministic DDIM (eta 0) over any descending timestep list, optional CFG.
+- ``ddim_sample``: deterministic DDIM (eta 0) over any descending timestep list, optional CFG;
+  ``ddim_loop`` is the same loop over any eps function (single-pass heads, the exact oracle) and can
+  record the trajectory.
+- Two-output models (``outputs=2``, madebyollin's layout: cond then uncond) and ``single_pass_eps``;
+  ``Denoiser.trunk``/``block``/``project`` expose the penultimate features for a distilled head.
+- ``exact_eps``: the exact eps of the noised GMM (class-conditional or marginal), so an oracle CFG
+  sampler gives the reference for guided sampling, where the data distribution is no longer the target.
 - Metrics: ``w2`` (exact optimal transport between equal-size samples) and ``kl_entropy``
   (Kozachenko-Leonenko kNN estimator, nats), plus per-class wrappers.
 
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -192,10 +198,13 @@ class Denoiser(nn.Module):
     every residual block: a small MLP fed the condition only at its input blurs thin modes badly.
     Row ``num_classes`` of the embedding table is the null class (for CFG). The table is initialised
     N(0, 1), so each element has RMS ~1: the scale CEP's gamma/sqrt(d) assumes.
+    ``outputs=2`` doubles the output (2 x 2 dims, conditional prediction first, then unconditional:
+    the gist's two-head layout); ``forward`` returns them concatenated on the last axis.
     """
 
     def __init__(
-        self, num_classes: int, width: int = 128, depth: int = 2, emb_dim: int = 32, time_dim: int = 32
+        self, num_classes: int, width: int = 128, depth: int = 2, emb_dim: int = 32, time_dim: int = 32,
+        outputs: int = 1,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -208,7 +217,7 @@ class Denoiser(nn.Module):
                            "b": nn.Linear(width, width)})
             for _ in range(depth)
         )
-        self.out = nn.Linear(width, 2)
+        self.out = nn.Linear(width, 2 * outputs)
 
     @property
     def null_label(self) -> int:
@@ -218,13 +227,29 @@ class Denoiser(nn.Module):
         return self.class_emb(labels)
 
     def forward(self, x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
-        """x [B, 2], t [B] (timesteps, may be fractional), emb [B, emb_dim] -> eps [B, 2]."""
-        act = nn.functional.silu
-        c = act(self.cond(torch.cat([sinusoidal_embedding(t, self.time_dim), emb], dim=1)))
+        """x [B, 2], t [B] (timesteps, may be fractional), emb [B, emb_dim] -> eps [B, 2 * outputs]."""
+        return self.project(self.trunk(x, t, emb)[0])
+
+    def trunk(self, x: Tensor, t: Tensor, emb: Tensor, num_blocks: int | None = None) -> tuple[Tensor, Tensor]:
+        """(hidden state after the first ``num_blocks`` residual blocks (all by default), condition c)."""
+        c = nn.functional.silu(self.cond(torch.cat([sinusoidal_embedding(t, self.time_dim), emb], dim=1)))
         h = self.inp(x)
-        for blk in self.blocks:
-            h = h + blk["b"](act(blk["a"](act(h)) + blk["c"](c)))
-        return self.out(act(h))
+        for blk in self.blocks[:num_blocks]:
+            h = residual_block(blk, h, c)
+        return h, c
+
+    def block(self, index: int, h: Tensor, c: Tensor) -> Tensor:
+        return residual_block(self.blocks[index], h, c)
+
+    def project(self, h: Tensor) -> Tensor:
+        """The last layer: hidden state after the last block -> output."""
+        return self.out(nn.functional.silu(h))
+
+
+def residual_block(blk: nn.ModuleDict, h: Tensor, c: Tensor) -> Tensor:
+    """One residual block of ``Denoiser``: h + b(silu(a(silu(h)) + c_proj(c)))."""
+    act = nn.functional.silu
+    return h + blk["b"](act(blk["a"](act(h)) + blk["c"](c)))
 
 
 def make_model(num_classes: int, seed: int, **kwargs: int) -> Denoiser:
@@ -270,6 +295,41 @@ def conditioning(
     return noisy
 
 
+def train_loop(
+    params: Iterable[nn.Parameter],
+    steps: int,
+    lr: float,
+    step_loss: Callable[[], Tensor],
+    weight_decay: float = 0.0,
+    cosine_lr: bool = True,
+) -> list[float]:
+    """AdamW over ``params`` for ``steps`` steps of ``step_loss()`` (which draws its own batch);
+    returns the per-step losses. ``cosine_lr`` decays the learning rate to 0."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    losses = []
+    for step in range(steps):
+        if cosine_lr:
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = step_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def noised_batch(
+    data: DataSource, batch: int, schedule: VPSchedule, gen: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x_t, t, eps, labels) for a training batch, drawn in ``train``'s order from ``gen``."""
+    x0, y = data.batch(batch, gen)
+    t = torch.randint(0, schedule.num_steps, (batch,), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    a = schedule.alphas_cumprod.float()[t].unsqueeze(1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps, t, eps, y
+
+
 def train(
     model: Denoiser,
     data: DataSource,
@@ -293,28 +353,17 @@ def train(
     Deterministic given ``seed`` (on one machine and thread count).
     """
     schedule = schedule or VPSchedule.scaled_linear()
-    ab = schedule.alphas_cumprod.float()
     gen = perturb.seeded_generator(seed, 0x7EA1)
     cep_gen = perturb.seeded_generator(seed, 0xCE9) if cep else None
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    model.train()
-    losses = []
-    for step in range(steps):
-        if cosine_lr:
-            for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        x0, y = data.batch(batch, gen)
-        t = torch.randint(0, schedule.num_steps, (batch,), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
+
+    def step_loss() -> Tensor:
+        xt, t, eps, y = noised_batch(data, batch, schedule, gen)
         drop = torch.rand(batch, generator=gen) < cfg_dropout
-        a = ab[t].unsqueeze(1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         emb = conditioning(model, y, drop, cep, cep_gen)
-        loss = torch.mean((model(xt, t, emb) - eps) ** 2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        return torch.mean((model(xt, t, emb) - eps) ** 2)
+
+    model.train()
+    losses = train_loop(model.parameters(), steps, lr, step_loss, weight_decay, cosine_lr)
     model.eval()
     return losses
 
@@ -334,6 +383,40 @@ def guided_eps(model: Denoiser, x: Tensor, t: Tensor, labels: Tensor, cfg_scale:
     return eps_u + cfg_scale * (eps_c - eps_u)
 
 
+def single_pass_eps(model: Denoiser, x: Tensor, t: Tensor, labels: Tensor, cfg_scale: float | Tensor) -> Tensor:
+    """A two-output model (``outputs=2``): u + s (c - u) from ONE forward pass, at every scale."""
+    eps_c, eps_u = model(x, t, model.embed(labels)).chunk(2, dim=-1)
+    return eps_u + cfg_scale * (eps_c - eps_u)
+
+
+EpsFn = Callable[[Tensor, Tensor], Tensor]  # (x [B, 2], t [B]) -> eps [B, 2]
+
+
+@torch.no_grad()
+def ddim_loop(
+    eps_fn: EpsFn,
+    x: Tensor,
+    schedule: VPSchedule,
+    timesteps: Sequence[int] | Tensor,
+    record: list[tuple[int, Tensor]] | None = None,
+) -> Tensor:
+    """Deterministic DDIM (eta = 0) from x over descending ``timesteps`` with any eps function.
+
+    ``record``, if given, receives (t, x_t) for every step before it is taken (the trajectory).
+    """
+    ab = schedule.alphas_cumprod.float()
+    ts = torch.as_tensor(timesteps, dtype=torch.long).tolist()
+    for i, t in enumerate(ts):
+        if record is not None:
+            record.append((t, x))
+        a_t = ab[t]
+        a_prev = ab[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
+        eps = eps_fn(x, torch.full((len(x),), t))
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    return x
+
+
 @torch.no_grad()
 def ddim_sample(
     model: Denoiser,
@@ -347,16 +430,51 @@ def ddim_sample(
 
     The last step goes to alpha_bar = 1, i.e. returns the model's x0 prediction there.
     """
-    ab = schedule.alphas_cumprod.float()
-    ts = torch.as_tensor(timesteps, dtype=torch.long).tolist()
     x = torch.randn(len(labels), 2, generator=generator)
-    for i, t in enumerate(ts):
-        a_t = ab[t]
-        a_prev = ab[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
-        eps = guided_eps(model, x, torch.full((len(labels),), t), labels, cfg_scale)
-        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-    return x
+    return ddim_loop(lambda xt, t: guided_eps(model, xt, t, labels, cfg_scale), x, schedule, timesteps)
+
+
+def exact_eps(gmm: GMM, x: Tensor, alpha_bar: float | Tensor, labels: Tensor | None = None) -> Tensor:
+    """The exact eps-prediction E[eps | x_t] of the noised GMM at alpha_bar (a float), per sample
+    class (``labels``) or of the class marginal (None): -sqrt(1 - ab) * grad log p_t(x).
+
+    Each component N(mu, S) becomes N(sqrt(ab) mu, ab S + (1 - ab) I). Computed in float64.
+    """
+    a = torch.as_tensor(alpha_bar, dtype=torch.float64)
+    means = a.sqrt() * gmm.means.double()  # [K, M, 2]
+    chols = gmm.chols.double()
+    cov = a * chols @ chols.transpose(-1, -2) + (1 - a) * torch.eye(2, dtype=torch.float64)
+    prec, logdet = torch.linalg.inv(cov), torch.logdet(cov)  # per component, before any batching
+    logw = gmm.weights.double().log() - 0.5 * logdet
+    if labels is None:  # marginal: all K * M components, classes uniform
+        means, prec = means.reshape(1, -1, 2), prec.reshape(1, -1, 2, 2)
+        logw = (logw - math.log(gmm.num_classes)).reshape(1, -1)
+    else:
+        means, prec, logw = means[labels], prec[labels], logw[labels]
+    diff = x.double().unsqueeze(1) - means  # [B, C, 2]
+    sol = (prec @ diff.unsqueeze(-1)).squeeze(-1)  # S^-1 (x - mu)
+    logp = logw - 0.5 * (diff * sol).sum(-1)
+    score = -(torch.softmax(logp, dim=1).unsqueeze(-1) * sol).sum(1)
+    return (-(1 - a).sqrt() * score).to(x.dtype)
+
+
+def oracle_sample_classes(
+    gmm: GMM, n_per_class: int, schedule: VPSchedule, timesteps: Sequence[int] | Tensor, seed: int,
+    cfg_scale: float = 1.0,
+) -> list[Tensor]:
+    """``sample_classes`` with the exact eps in place of a model (same noise for the same seed): the
+    reference for what CFG at ``cfg_scale`` should give with this sampler, and at scale 1 nearly the
+    truth (up to the DDIM discretisation)."""
+    labels = torch.arange(gmm.num_classes).repeat_interleave(n_per_class)
+    ab = schedule.alphas_cumprod
+
+    def eps_fn(x: Tensor, t: Tensor) -> Tensor:
+        a = ab[int(t[0])]
+        eps_c = exact_eps(gmm, x, a, labels)
+        return eps_c if cfg_scale == 1.0 else eps_c + (cfg_scale - 1) * (eps_c - exact_eps(gmm, x, a))
+
+    x = torch.randn(len(labels), 2, generator=perturb.seeded_generator(seed, 0x5A3))
+    return list(ddim_loop(eps_fn, x, schedule, timesteps).split(n_per_class))
 
 
 def sample_classes(
