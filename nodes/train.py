@@ -12,9 +12,9 @@ from comfy_api.v0_0_2 import io, ui
 from ..core import objective
 from ..core.lora import LoRANetwork, kohya_metadata, save_atomic, torch_save_atomic
 from ..core.perturb import DISTRIBUTIONS, seeded_generator
-from ..core.train import NaNLoss, TrainConfig, Trainer, TrainError
+from ..core.train import TrainConfig, Trainer
 from . import train_model as tm
-from .events import LossEvents, progress_text
+from . import train_run
 from .plots import line_plot
 
 log = logging.getLogger("supercond")
@@ -123,8 +123,8 @@ class SupercondTrainLoRA(io.ComfyNode):
                           cep_distribution, input_perturbation, offset_noise, pyramid_iterations, caption_dropout,
                           seed, lr_schedule, warmup_steps, max_grad_norm)
         cfg.validate()
-        stem = tm.prefix_path(folder_paths.get_folder_paths("loras")[0], filename_prefix)
-        tm.check_writable(stem.parent)
+        stem = train_run.prefix_path(folder_paths.get_folder_paths("loras")[0], filename_prefix, "loras")
+        train_run.check_writable(stem.parent, "LoRA files")
         rows, empty = conds_from(conditioning)
         path, losses, sd = train(model, latents["samples"], rows, empty, cfg, stem, save_every,
                                  gradient_checkpointing, resume, node_id)
@@ -141,7 +141,6 @@ def train(model, latents: torch.Tensor, rows: list[dict], empty: dict | None, cf
           ) -> tuple[Path, list[float], dict[str, torch.Tensor]]:
     """The training run; returns (saved file, losses, the saved kohya state dict)."""
     import comfy.model_management as mm
-    import comfy.utils
 
     mp = model.clone()
     with torch.inference_mode(False), torch.enable_grad():
@@ -169,34 +168,15 @@ def train(model, latents: torch.Tensor, rows: list[dict], empty: dict | None, cf
             torch_save_atomic(tm.state_file(f), trainer.state_dict())
             return f, sd
 
-        pbar = comfy.utils.ProgressBar(cfg.steps, node_id=node_id)
-        pbar.update_absolute(trainer.step)
-        events = LossEvents(node_id, cfg.steps)
         last: tuple[Path, dict] | None = None
         if trainer.step >= cfg.steps:
             found = tm.last_checkpoint(stem)
             last = (found[0], net.kohya_state_dict(torch.float16))
         net.train()
         with net.attached(), tm.checkpointing(dm, gradient_checkpointing):
-            try:
-                while trainer.step < cfg.steps:
-                    loss = trainer.train_step(between_micro=mm.throw_exception_if_processing_interrupted)
-                    events.add(trainer.step, loss, reset=trainer.step == 1)
-                    if save_every and trainer.step % save_every == 0 and trainer.step < cfg.steps:
-                        last = save()
-                    pbar.update_absolute(trainer.step)  # also where ComfyUI raises on Cancel
-                    if trainer.step % 10 == 0:
-                        progress_text(f"step {trainer.step}/{cfg.steps}  loss {loss:.4f}", node_id)
-                last = save()
-            except NaNLoss as e:
-                kept = f"; the last good checkpoint is {last[0]}" if last else "; no checkpoint was saved"
-                raise TrainError(f"{e}: training stopped{kept}. Lower learning_rate or check the inputs.") from e
-            except mm.InterruptProcessingException:
-                f, _ = save()  # the weights after the last completed step
-                log.info("supercond: training cancelled at step %d; saved %s", trainer.step, f)
-                raise
-            finally:
-                events.flush()
+            last = train_run.run_steps(
+                lambda: trainer.train_step(between_micro=mm.throw_exception_if_processing_interrupted),
+                lambda: trainer.step, cfg.steps, save, save_every, node_id, last)
         return last[0], trainer.losses, last[1]
 
 

@@ -1,0 +1,383 @@
+"""SupercondTrainHead: trains the second (unconditional) head of single-pass sampling, by distillation
+from the frozen model or with the gist's rolled-caption objective (core/head_train.py), with the
+trainer's progress bar, Cancel, live loss chart, atomic checkpoints and resume (nodes/train_run.py).
+
+The backbone is never changed: the head is a separate module fed with features captured from the
+model's own forward pass, so the conditional path stays bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from comfy_api.v0_0_2 import io, ui
+
+from ..core import head_objective as ho
+from ..core import heads as core_heads
+from ..core.head_train import HeadTrainConfig, HeadTrainer, TrajectoryPool, merged_state
+from ..core.lora import LoRANetwork, save_atomic, torch_save_atomic
+from ..core.perturb import seeded_generator
+from ..core.train import batch_cond
+from . import singlepass_hook as hook
+from . import train_model as tm
+from . import train_run
+from .plots import line_plot
+from .singlepass import CATEGORY, FOLDER
+from .train import conds_from
+
+log = logging.getLogger("supercond")
+_MAX_SEED = 0xFFFFFFFFFFFFFFFF
+BATCH = 4           # samples per step (chains in the trajectory pool when no LATENT sets it)
+TRAJ_STEPS = 10     # Euler steps of one teacher trajectory, from pure noise down to the last sigma
+TRAJ_LATENT = 32    # latent side of the trajectories when no LATENT sets it (256 px on 8x VAEs)
+
+
+class HeadInputError(ValueError):
+    """Bad head-training input: the message says what was wrong and what to do."""
+
+
+def conditioning_rows(value: Any, name: str) -> tuple[list[dict], dict | None]:
+    """Per-prompt cond rows of a CONDITIONING input (and SupercondLoadDataset's empty prompt), or a clear error."""
+    ok = isinstance(value, list) and value and all(
+        isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], torch.Tensor) and isinstance(e[1], dict)
+        for e in value)
+    if not ok:
+        raise HeadInputError(f"{name} is not a CONDITIONING (a list of [embedding, options] pairs, e.g. from "
+                             f"CLIPTextEncode); got {type(value).__name__}. Connect a CONDITIONING output to {name}")
+    try:
+        return conds_from(value)
+    except tm.TrainInputError as e:
+        raise HeadInputError(f"{name}: {e}") from None
+
+
+def _take(obj: Any, rows: int | None, total: int) -> Any:
+    """Features for the head: batch rows [:rows] of every tensor with ``total`` rows, detached, floats
+    as float32 (the head trains in float32 whatever the model's dtype)."""
+    if isinstance(obj, torch.Tensor):
+        if rows is not None and obj.dim() > 0 and obj.shape[0] == total:
+            obj = obj[:rows]
+        obj = obj.detach()
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        return tuple(_take(o, rows, total) for o in obj)
+    if isinstance(obj, list):
+        return [_take(o, rows, total) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _take(v, rows, total) for k, v in obj.items()}
+    return obj
+
+
+class Teacher:
+    """The frozen model through its ``apply_model`` (patches and transformer_options included), with the
+    head's capture points hooked for the one call (the hooks never outlive it)."""
+
+    def __init__(self, mp: Any, device: torch.device, head_type: str, positive: list[dict], negative: dict | None):
+        self.denoise = tm.denoiser(mp, device)
+        self.net = mp.model.diffusion_model
+        self.arch = hook.arch_of(self.net)
+        self.head_type = head_type
+        self.positive, self.negative = positive, negative
+
+    def _call(self, x: torch.Tensor, sigma: torch.Tensor, rows: list[dict]) -> tuple[torch.Tensor, hook.Capture]:
+        cap = hook.Capture()
+        handles = [self.net.register_forward_pre_hook(cap.hook("net"), with_kwargs=True),
+                   hook.resolve(self.net, self.arch.final)[0].register_forward_pre_hook(cap.hook("final"),
+                                                                                         with_kwargs=True)]
+        if self.head_type == "last_block":
+            entry = hook.resolve(self.net, self.arch.block_entry)[0]
+            handles.append(entry.register_forward_pre_hook(cap.hook("block"), with_kwargs=True))
+        try:
+            x0 = self.denoise(x, sigma, batch_cond(rows))
+        finally:
+            for h in handles:
+                h.remove()
+        return x0, cap
+
+    def features(self, cap: hook.Capture, rows: int, total: int) -> hook.Capture:
+        return hook.Capture(*(_take(getattr(cap, f), rows, total) for f in
+                              ("net_args", "net_kwargs", "final_args", "final_kwargs", "block_args", "block_kwargs")))
+
+    def teach(self, x: torch.Tensor, sigma: torch.Tensor, prompt: torch.Tensor):
+        """One batched call on [positive rows, negative rows] (cond first, as ComfyUI batches CFG)."""
+        b = x.shape[0]
+        rows = [self.positive[int(i)] for i in prompt] + [self.negative] * b
+        x0, cap = self._call(torch.cat([x, x]), torch.cat([sigma, sigma]), rows)
+        return x0[:b], x0[b:], self.features(cap, b, 2 * b)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, captions: torch.Tensor):
+        x0, cap = self._call(x, sigma, [self.positive[int(i)] for i in captions])
+        return x0, self.features(cap, None, x.shape[0])
+
+
+def head_denoiser(head: core_heads.SecondHead, teacher: Teacher, model_sampling: Any):
+    """(features, x, sigma) -> the head's unconditional denoised prediction (with grad)."""
+    def run(feats: hook.Capture, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        raw = hook.run_head(head, teacher.arch, teacher.net, feats)
+        return model_sampling.calculate_denoised(sigma, raw.float(), x.float())
+    return run
+
+
+def starting_head(model: Any, head_type: str) -> core_heads.SecondHead:
+    """The MODEL's own head (SupercondNewHead / SupercondLoadHead) if it has one, else a fresh one."""
+    fresh = hook.new_head(model, head_type)
+    have = hook.head_of(model)
+    if have is None:
+        return fresh
+    if have.spec.head_type != head_type:
+        raise HeadInputError(f"the MODEL already carries a {have.spec.head_type} head (from SupercondNewHead or "
+                             f"SupercondLoadHead) but head is {head_type!r}: set head to {have.spec.head_type!r}, "
+                             "or connect the MODEL without that node")
+    return core_heads.load_state(fresh, core_heads.head_state(have), where="the MODEL's head")
+
+
+def gist_captions(rows: list[dict], n: int) -> torch.Tensor:
+    """Caption index per latent; refuses a batch that has nothing to roll."""
+    distinct = []
+    for r in rows:
+        if not any(r["cross_attn"].shape == d["cross_attn"].shape and torch.equal(r["cross_attn"], d["cross_attn"])
+                   for d in distinct):
+            distinct.append(r)
+    if n < 2 or len(distinct) < 2:
+        raise HeadInputError(f"gist mode with a batch of one caption: nothing to roll ({n} latents, "
+                             f"{len(distinct)} distinct captions). Give at least 2 latents with different captions "
+                             "(e.g. SupercondLoadDataset), or use mode distill")
+    if len(rows) != n:
+        raise HeadInputError(f"gist mode needs one caption per latent: {n} latents but {len(rows)} conditionings")
+    return torch.arange(n)
+
+
+def _f(name: str, default: float, lo: float, hi: float, step: float, tip: str) -> io.Float.Input:
+    return io.Float.Input(name, default=default, min=lo, max=hi, step=step, tooltip=tip)
+
+
+def _i(name: str, default: int, lo: int, hi: int, tip: str) -> io.Int.Input:
+    return io.Int.Input(name, default=default, min=lo, max=hi, tooltip=tip)
+
+
+class SupercondTrainHead(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SupercondTrainHead",
+            display_name="Train Single-Pass Head",
+            category=CATEGORY,
+            description=("Trains the second (unconditional) head that SupercondSinglePass uses, so CFG costs one "
+                         "model call per step. distill: the frozen model teaches the head its prediction for the "
+                         "negative (empty) prompt on its own CFG trajectories, no images needed. gist: seed 003's "
+                         "rolled captions on a LATENT dataset. The model itself is never changed. Saves head files "
+                         f"under models/{FOLDER} (load them later with SupercondLoadHead)."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to give a head. If it already carries one (New/Load Head), "
+                                                "training continues from that head."),
+                io.Conditioning.Input("positive", tooltip="Prompts to train on (several prompts are fine: "
+                                      "Conditioning Combine, or one per latent for gist)."),
+                io.Combo.Input("mode", options=["distill", "gist"], default="distill",
+                               tooltip="distill: learn the frozen model's prediction for `negative` from the same "
+                                       "pass's features (any checkpoint, no images). gist: ~10% of samples get another "
+                                       "sample's caption and teach the head; needs a LATENT with captions. The "
+                                       "backbone stays frozen here, so the gist's conditional term trains nothing."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="distill: the prompt whose prediction the head learns, normally an EMPTY "
+                                              "prompt (CLIPTextEncode of ''). Not connected: the empty prompt "
+                                              "SupercondLoadDataset attaches. Unused in gist mode."),
+                io.Latent.Input("latent", optional=True,
+                                tooltip="distill: training images (noised at random sigmas); an empty latent "
+                                        "(EmptyLatentImage) only sets the size and number of the model's own "
+                                        f"trajectories; not connected: trajectories at {TRAJ_LATENT * 8} px. "
+                                        "gist: required, one caption per latent."),
+                _i("steps", 300, 1, 1_000_000, "Total optimizer steps (with resume: the total to reach)."),
+                _f("learning_rate", 1e-4, 1e-8, 1.0, 1e-6, "AdamW learning rate of the head (or its LoRA), decayed to 0 "
+                   "by steps (cosine). The head starts at the model's own weights: 1e-4 suits projection and "
+                   "LoRAs; last_block with lora_rank 0 wants ~1e-6."),
+                io.Combo.Input("head", options=list(core_heads.HEAD_TYPES), default="projection",
+                               tooltip="projection: a copy of the final projection (tiny, ~free). last_block: a "
+                                       "copy of the last block and the projection (stronger, costs one block per "
+                                       "step). Must match the head the MODEL already carries, if any."),
+                _i("lora_rank", 0, 0, 256, "0: train the head's weights directly. >0: train a LoRA of this rank "
+                   "inside the head's copy only, merged into the head when saved (same file format)."),
+                _f("cfg_min", 3.0, 1.0, 100.0, 0.1, "Lowest guidance scale the head is trained for: the loss "
+                   "weights errors by (s-1)^2 for s drawn in [cfg_min, cfg_max]."),
+                _f("cfg_max", 9.0, 1.0, 100.0, 0.1, "Highest guidance scale the head is trained for (>= cfg_min)."),
+                io.Int.Input("seed", default=0, min=0, max=_MAX_SEED, control_after_generate=False,
+                             tooltip="Seed of every random draw; same seed and inputs, same head."),
+                _i("save_every", 0, 0, 1_000_000, "Save a checkpoint every N steps (0: only at the end)."),
+                io.String.Input("filename_prefix", default="supercond/head",
+                                tooltip=f"Files go to models/{FOLDER}/<prefix>_<step>.safetensors (+ .state.pt "
+                                        "for resume)."),
+                io.Boolean.Input("resume", default=False,
+                                 tooltip="Continue from the last checkpoint of this prefix, optimizer state "
+                                         "included, up to steps."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with the trained head attached: connect "
+                                "it to SupercondSinglePass."),
+                io.String.Output(display_name="head_path", tooltip="The saved head file."),
+                io.Image.Output(display_name="loss_plot", tooltip="Loss per step."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, cfg_min, cfg_max) -> bool | str:
+        if cfg_min > cfg_max:
+            return f"cfg_min ({cfg_min}) must not be larger than cfg_max ({cfg_max})"
+        return True
+
+    @classmethod
+    def execute(cls, model, positive, mode, steps, learning_rate, head, lora_rank, cfg_min, cfg_max, seed,
+                save_every, filename_prefix, resume, negative=None, latent=None) -> io.NodeOutput:
+        import folder_paths
+
+        node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
+        cfg = HeadTrainConfig(mode, steps, learning_rate, cfg_min, cfg_max, seed, BATCH,
+                              tm.auto_prediction(model, "auto"))
+        try:
+            cfg.validate()
+        except ho.HeadTrainError as e:
+            raise HeadInputError(str(e)) from None
+        if head not in core_heads.HEAD_TYPES:
+            raise HeadInputError(f"head must be one of {list(core_heads.HEAD_TYPES)}, got {head!r}")
+        if lora_rank < 0:
+            raise HeadInputError(f"lora_rank must be >= 0, got {lora_rank}")
+        stem = train_run.prefix_path(folder_paths.get_folder_paths(FOLDER)[0], filename_prefix, FOLDER)
+        train_run.check_writable(stem.parent, "head files")
+        path, losses, sd = train(model, positive, negative, latent, cfg, head, lora_rank, stem, save_every,
+                                 resume, node_id)
+        final = hook.new_head(model, head)
+        core_heads.load_state(final, sd, where=Path(path).name)
+        plot = line_plot([(f"{mode} loss", range(1, len(losses) + 1), losses)], "head training loss", "step",
+                         "loss", logy=True)
+        return io.NodeOutput(hook.attach_head(model, final), str(path), plot, ui=ui.PreviewImage(plot, cls=cls))
+
+
+def model_space(mp: Any, samples: torch.Tensor) -> torch.Tensor:
+    """A LATENT as the sampler feeds it to the model (``process_latent_in``: SD's 0.18215 scale, SD3's shift)."""
+    return mp.model.process_latent_in(samples.float())
+
+
+def _pool_or_latents(mp: Any, latent: dict | None, n_prompts: int, cfg: HeadTrainConfig, device: torch.device):
+    """distill data: (trajectory pool, None) or (None, latents). An all-zero LATENT (EmptyLatentImage) sets
+    the pool's size and chain count instead of being noised as if it were images."""
+    import comfy.samplers
+
+    ms = mp.get_model_object("model_sampling")
+    samples = None if latent is None else latent["samples"]
+    if samples is not None and bool(samples.abs().amax() > 0):
+        return None, model_space(mp, samples)
+    if samples is None:
+        n, shape = BATCH, (mp.model.latent_format.latent_channels, TRAJ_LATENT, TRAJ_LATENT)
+    else:
+        n, shape = samples.shape[0], tuple(samples.shape[1:])
+    sigmas = comfy.samplers.calculate_sigmas(ms, "normal", TRAJ_STEPS).float().cpu()
+    s0 = sigmas[:1].to(device)
+
+    def start(noise: torch.Tensor) -> torch.Tensor:
+        n1 = noise.unsqueeze(0)
+        return ms.noise_scaling(s0, n1, torch.zeros_like(n1), max_denoise=True)[0]
+
+    return TrajectoryPool(sigmas, n, shape, start, n_prompts, cfg.cfg_min, cfg.cfg_max, cfg.seed, device), None
+
+
+def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: HeadTrainConfig, head_type: str,
+          lora_rank: int, stem: Path, save_every: int, resume: bool, node_id: str | None = None
+          ) -> tuple[Path, list[float], dict[str, torch.Tensor]]:
+    """The training run; returns (saved head file, losses, the saved head tensors)."""
+    import comfy.model_management as mm
+
+    pos_rows, empty = conditioning_rows(positive, "positive")
+    neg_row = None
+    if cfg.mode == "distill":
+        neg_rows = conditioning_rows(negative, "negative")[0] if negative is not None else [empty] if empty else []
+        if not neg_rows:
+            raise HeadInputError("distill mode needs the conditioning whose prediction the head learns: connect a "
+                                 "CLIPTextEncode of an empty prompt ('') to negative")
+        if len(neg_rows) > 1:
+            raise HeadInputError(f"negative holds {len(neg_rows)} prompts; the head learns one: connect a single "
+                                 "CLIPTextEncode (an empty prompt)")
+        neg_row = neg_rows[0]
+    captions = None
+    if cfg.mode == "gist":
+        if latent is None:
+            raise HeadInputError("gist mode trains on images: connect a LATENT (e.g. SupercondLoadDataset) with one "
+                                 "caption per latent")
+        captions = gist_captions(pos_rows, latent["samples"].shape[0])
+        cfg.batch_size = min(BATCH, latent["samples"].shape[0])
+    start = starting_head(model, head_type)
+    mp = model.clone()
+    with torch.inference_mode(False), torch.enable_grad():
+        mm.load_models_gpu([mp], force_full_load=True)
+        device = mp.load_device
+        ms = mp.get_model_object("model_sampling")
+        teacher = Teacher(mp, device, head_type, pos_rows, neg_row)
+        net = hook.new_head(mp, head_type)
+        tm.materialize_weights(net)  # normal (not inference) tensors that autograd can use
+        core_heads.load_state(net, core_heads.head_state(start))
+        net = net.float().to(device)
+        lora = None
+        if lora_rank > 0:
+            layers = {k: m for k, m in net.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+            lora = LoRANetwork(layers, lora_rank, float(lora_rank), seeded_generator(cfg.seed, 0x4EAD), device)
+            params = list(lora.parameters())
+        else:
+            params = list(net.parameters())
+            for p in params:
+                p.requires_grad_(True)
+        pool, latents = (None, None)
+        if cfg.mode == "distill":
+            pool, latents = _pool_or_latents(mp, latent, len(pos_rows), cfg, device)
+        else:
+            latents = model_space(mp, latent["samples"])
+        trainer = HeadTrainer(cfg, params, head_denoiser(net, teacher, ms), ms.sigmas, teach=teacher.teach,
+                              forward=teacher.forward, latents=latents, captions=captions, n_prompts=len(pos_rows),
+                              pool=pool, device=device)
+        if cfg.mode == "gist":
+            log.info("supercond: gist mode with a frozen backbone: only the head learns (from the ~%d%% rolled "
+                     "samples); the conditional term is in the loss but trains nothing", round(ho.GIST_FRACTION * 100))
+        if resume:
+            _resume(mp, trainer, stem)
+        spec = net.spec
+        meta = {**spec.to_metadata(), "supercond_training": json.dumps(
+            {**cfg.as_dict(), "head": head_type, "lora_rank": lora_rank}, sort_keys=True)}
+
+        def save() -> tuple[Path, dict]:
+            sd = merged_state(net, lora) if lora is not None else core_heads.head_state(net)
+            f = tm.checkpoint_file(stem, trainer.step)
+            save_atomic(f, sd, meta | {"supercond_step": str(trainer.step)})
+            torch_save_atomic(tm.state_file(f), trainer.state_dict())
+            return f, sd
+
+        def step() -> float:
+            mm.throw_exception_if_processing_interrupted()
+            return trainer.train_step()
+
+        net.train()
+        if lora is not None:
+            with lora.attached():
+                last = train_run.run_steps(step, lambda: trainer.step, cfg.steps, save, save_every, node_id,
+                                           what="head training")
+        else:
+            last = train_run.run_steps(step, lambda: trainer.step, cfg.steps, save, save_every, node_id,
+                                       what="head training")
+        log.info("supercond: head losses %s", [round(v, 5) for v in trainer.losses])
+        return last[0], trainer.losses, last[1]
+
+
+def _resume(mp: Any, trainer: HeadTrainer, stem: Path) -> None:
+    found = tm.last_checkpoint(stem)
+    if found is None:
+        log.info("supercond: no head checkpoint of %s to resume; starting at step 0", stem)
+        return
+    try:
+        hook.head_from_file(mp, found[0], name=found[0].name)  # the file must fit this model
+        trainer.load_state_dict(torch.load(tm.state_file(found[0]), weights_only=True))
+    except (hook.HookError, core_heads.HeadFileError, ho.HeadTrainError) as e:
+        raise HeadInputError(f"cannot resume from {found[0]}: {e}. Use another filename_prefix or switch resume "
+                             "off") from None
+    log.info("supercond: resumed %s at step %d", found[0].name, trainer.step)
+
+
+NODES: list[type[io.ComfyNode]] = [SupercondTrainHead]

@@ -1,0 +1,83 @@
+"""What every in-graph trainer does around its optimizer steps: ComfyUI's progress bar, Cancel, the
+live loss chart, periodic and final atomic checkpoints, NaN handling; and where its files may go.
+Shared by SupercondTrainLoRA and SupercondTrainHead so both behave the same."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..core.train import NaNLoss, TrainError
+from .events import LossEvents, progress_text
+
+log = logging.getLogger("supercond")
+Saved = TypeVar("Saved", bound=tuple)  # (path of the saved file, anything else the caller wants back)
+
+
+class RunInputError(ValueError):
+    """A file location a trainer may not use: the message says why and what to do."""
+
+
+def prefix_path(root: str | Path, prefix: str, folder: str) -> Path:
+    """The file stem for ``prefix`` under the model folder ``root`` (named ``folder`` in messages);
+    a prefix that would leave that folder is refused."""
+    root = Path(root).resolve()
+    if not prefix or prefix.strip() != prefix or Path(prefix).is_absolute():
+        raise RunInputError(f"filename_prefix {prefix!r} must be a relative path like 'supercond/my_file'")
+    stem = (root / prefix).resolve()
+    if os.path.commonpath([root, stem]) != str(root) or stem == root:
+        raise RunInputError(f"filename_prefix {prefix!r} would write outside the {folder} folder {root}")
+    return stem
+
+
+def check_writable(folder: Path, what: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".supercond_write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunInputError(f"cannot write {what} to {folder}: {e}") from e
+
+
+def run_steps(step: Callable[[], float], done: Callable[[], int], total: int, save: Callable[[], Saved],
+              save_every: int, node_id: str | None, last: Saved | None = None, what: str = "training") -> Saved:
+    """Call ``step`` (one optimizer step, returns its loss) until ``done()`` reaches ``total``, then save.
+
+    - ComfyUI's progress bar and a throttled ``supercond.loss`` chart event after every step.
+    - Cancel: ComfyUI raises InterruptProcessingException from the progress-bar update (or from a
+      check inside ``step``); the weights after the last completed step are saved, then it re-raises.
+    - NaN loss (``NaNLoss`` from ``step``, raised before the bad update): nothing more is saved; a
+      TrainError names the last good checkpoint.
+    Returns what the last ``save()`` returned.
+    """
+    import comfy.model_management as mm
+    import comfy.utils
+
+    pbar = comfy.utils.ProgressBar(total, node_id=node_id)
+    pbar.update_absolute(done())
+    events = LossEvents(node_id, total)
+    try:
+        while done() < total:
+            loss = step()
+            n = done()
+            events.add(n, loss, reset=n == 1)
+            if save_every and n % save_every == 0 and n < total:
+                last = save()
+            pbar.update_absolute(n)  # also where ComfyUI raises on Cancel
+            if n % 10 == 0:
+                progress_text(f"step {n}/{total}  loss {loss:.4f}", node_id)
+        last = save()
+    except NaNLoss as e:
+        kept = f"; the last good checkpoint is {last[0]}" if last else "; no checkpoint was saved"
+        raise TrainError(f"{e}: {what} stopped{kept}. Lower learning_rate or check the inputs.") from e
+    except mm.InterruptProcessingException:
+        saved: Any = save()
+        log.info("supercond: %s cancelled at step %d; saved %s", what, done(), saved[0])
+        raise
+    finally:
+        events.flush()
+    return last

@@ -1,0 +1,181 @@
+"""Tier A: the head-training core (core/head_train.py, core/head_objective.py) on toy tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from supercond.core import head_objective as ho
+from supercond.core.head_train import (
+    HeadTrainConfig,
+    HeadTrainer,
+    TrajectoryPool,
+    epoch_indices,
+    merged_state,
+)
+from supercond.core.lora import LoRANetwork
+from supercond.core.perturb import seeded_generator
+
+SIGMAS = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.0])  # K = 4 states per lap
+
+
+def pool(n=4, seed=0, **kw):
+    return TrajectoryPool(SIGMAS, n, (1, 2, 2), lambda z: z * 8.0, n_prompts=3, cfg_min=3.0, cfg_max=9.0,
+                          seed=seed, **kw)
+
+
+def test_pool_follows_euler_steps_of_the_guided_prediction():
+    p = pool(n=1)
+    x, sigma, scale, prompt = p.batch()
+    assert sigma.tolist() == [8.0] and 3.0 <= float(scale) <= 9.0 and 0 <= int(prompt) < 3
+    d = torch.full_like(x, 0.5)
+    p.advance(d)  # x + (x - D)/8 * (4 - 8) = (x + D)/2
+    assert torch.allclose(p.x, (x + d) / 2)
+    assert p.batch()[1].tolist() == [4.0]
+
+
+def test_pool_staggers_the_first_lap_and_restarts_finished_chains_from_seeded_noise():
+    p = pool(n=4)
+    assert p.stop.tolist() == [4, 3, 2, 1]  # chain j's first lap is cut by j*K/n steps
+    seen = []
+    for _ in range(6):
+        seen.append(p.batch()[1].tolist())
+        p.advance(torch.zeros_like(p.x))
+    assert seen[0] == [8.0] * 4
+    assert len(set(seen[2])) > 1, "after a few steps a batch mixes sigmas"
+    # first laps of 4, 3, 2, 1 steps, then 4 each: after 6 steps chains 2 and 3 are on their third lap
+    assert p.lap.tolist() == [1, 1, 2, 2]
+    # A restart draws the (chain, lap) noise, whatever happened before.
+    q = pool(n=4)
+    q.lap[2] = 3
+    q._restart(2)
+    fresh = torch.randn((1, 2, 2), generator=seeded_generator(0, 2, 2, 3)) * 8.0
+    assert torch.equal(q.x[2], fresh)
+
+
+def test_pool_state_round_trips():
+    a, b = pool(seed=5), pool(seed=5)
+    for _ in range(3):
+        a.advance(a.x * 0.1)
+    b.load_state_dict(a.state_dict())
+    for _ in range(4):
+        a.advance(a.x * 0.1)
+        b.advance(b.x * 0.1)
+    assert torch.equal(a.x, b.x) and torch.equal(a.lap, b.lap) and torch.equal(a.scale, b.scale)
+
+
+def test_pool_refuses_a_schedule_without_states():
+    with pytest.raises(ho.HeadTrainError, match="positive sigma"):
+        TrajectoryPool(torch.tensor([0.0]), 2, (1,), lambda z: z, 1, 3.0, 9.0, 0)
+
+
+def test_epoch_indices_cover_each_sample_once_per_epoch():
+    got = torch.cat([epoch_indices(6, 4, s, seed=1) for s in range(3)])  # 12 draws = 2 epochs
+    assert sorted(got[:6].tolist()) == list(range(6)) and sorted(got[6:].tolist()) == list(range(6))
+
+
+def test_gist_gradient_reaches_the_uncond_output_only_on_rolled_samples():
+    g = torch.Generator().manual_seed(0)
+    cond = torch.randn(6, 2, 3, 3, generator=g, requires_grad=True)
+    uncond = torch.randn(6, 2, 3, 3, generator=g, requires_grad=True)
+    target = torch.randn(6, 2, 3, 3, generator=g)
+    rolled = torch.tensor([True, False, False, True, False, False])
+    ho.gist_loss(cond, uncond, target, rolled).backward()
+    per_u = uncond.grad.flatten(1).abs().sum(1)
+    per_c = cond.grad.flatten(1).abs().sum(1)
+    assert (per_u[~rolled] == 0).all() and (per_u[rolled] > 0).all()
+    assert (per_c[rolled] == 0).all() and (per_c[~rolled] > 0).all()
+
+
+class Toy:
+    """A 'model' whose cond and uncond x0 predictions are fixed linear maps of x; the head is a 1x1 conv
+    on the features (x itself), initialised to the cond map (a fresh head predicts the cond)."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(3)
+        self.wc = torch.randn(2, 2, generator=g) * 0.3
+        self.wu = self.wc + torch.randn(2, 2, generator=g) * 0.1
+
+    def apply(self, w, x):
+        return torch.einsum("oc,bchw->bohw", w, x)
+
+    def teach(self, x, sigma, prompt):
+        return self.apply(self.wc, x), self.apply(self.wu, x), x
+
+    def head(self):
+        conv = torch.nn.Conv2d(2, 2, 1, bias=False)
+        with torch.no_grad():
+            conv.weight.copy_(self.wc[:, :, None, None])
+        return conv
+
+
+def distill_run(steps, resume_at=None, seed=0):
+    toy = Toy()
+    cfg = HeadTrainConfig("distill", steps, 3e-2, 3.0, 9.0, seed, 4, "eps")
+
+    def make():
+        head = toy.head()
+        p = TrajectoryPool(SIGMAS, 4, (2, 3, 3), lambda z: z * 8.0, 1, 3.0, 9.0, seed)
+        return head, HeadTrainer(cfg, list(head.parameters()), lambda f, x, s: head(f), torch.tensor([1.0]),
+                                 teach=toy.teach, pool=p)
+
+    head, tr = make()
+    while tr.step < steps:
+        tr.train_step()
+        if resume_at is not None and tr.step == resume_at:
+            state = tr.state_dict()
+            head, tr = make()
+            tr.load_state_dict(state)
+    return toy, head, tr
+
+
+def test_distillation_learns_the_uncond_and_resume_equals_a_straight_run():
+    toy, head, tr = distill_run(40)
+    err = (head.weight[:, :, 0, 0] - toy.wu).norm() / (toy.wc - toy.wu).norm()
+    assert err < 0.2, err
+    assert tr.losses[-1] < 0.1 * tr.losses[0]
+    _, head2, tr2 = distill_run(40, resume_at=20)
+    assert torch.equal(head.weight, head2.weight) and tr.losses == tr2.losses
+
+
+def test_nan_loss_stops_before_the_update():
+    toy = Toy()
+    head = toy.head()
+    before = head.weight.detach().clone()
+    cfg = HeadTrainConfig("distill", 3, 1e-2, 3.0, 9.0, 0, 2, "eps")
+    p = TrajectoryPool(SIGMAS, 2, (2, 3, 3), lambda z: z * 8.0, 1, 3.0, 9.0, 0)
+    tr = HeadTrainer(cfg, list(head.parameters()), lambda f, x, s: head(f) * float("nan"), torch.tensor([1.0]),
+                     teach=toy.teach, pool=p)
+    from supercond.core.train import NaNLoss
+
+    with pytest.raises(NaNLoss):
+        tr.train_step()
+    assert torch.equal(head.weight, before) and tr.step == 0
+
+
+@pytest.mark.parametrize("layer", [torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Linear(5, 4)])
+def test_a_lora_merged_into_the_head_gives_the_attached_output(layer):
+    head = torch.nn.Sequential(layer)
+    lora = LoRANetwork({"0": layer}, 2, 3.0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for m in lora.loras.values():
+            m.up.weight.normal_(generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, 6, 6) if isinstance(layer, torch.nn.Conv2d) else torch.randn(2, 5)
+    with lora.attached(), torch.no_grad():
+        want = head(x)
+    merged = torch.nn.Sequential(type(layer)(*(
+        (3, 4, 3) if isinstance(layer, torch.nn.Conv2d) else (5, 4)), **(
+        {"padding": 1} if isinstance(layer, torch.nn.Conv2d) else {})))
+    merged.load_state_dict(merged_state(head, lora))
+    with torch.no_grad():
+        assert torch.allclose(merged(x), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(steps=0), "steps must be >= 1"),
+    (dict(cfg_min=9.0, cfg_max=3.0), "cfg_min <= cfg_max"),
+    (dict(mode="other"), "mode must be one of"),
+])
+def test_config_refuses_bad_settings(bad, message):
+    with pytest.raises(ho.HeadTrainError, match=message):
+        HeadTrainConfig(**bad).validate()

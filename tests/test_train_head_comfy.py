@@ -1,0 +1,191 @@
+"""SupercondTrainHead inside the real ComfyUI (in-process) on the SD1.x fixture.
+
+Predictions are read through the stock sampler: a CFGGuider run of one Euler step from sigma to 0
+with zero noise returns exactly the guided denoised prediction at the state given as the latent,
+so the errors below are measured on what a sampler actually gets, single-pass (SupercondSinglePass
+with the trained head) against two-pass CFG with the empty prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfy
+log = logging.getLogger("supercond.test")
+
+SIZE = 8            # latent side: 64 px
+SCALES = (3.0, 6.0, 9.0)
+HELD_OUT_SEED = 991
+
+
+@pytest.fixture(scope="module")
+def fam(comfy, fixture_checkpoints):
+    from comfy_helpers import load_family
+
+    return load_family("eps", fixture_checkpoints)
+
+
+@pytest.fixture(scope="module")
+def heads_dir(comfy, tmp_path_factory):
+    """A private supercond_heads folder for this module (restored afterwards)."""
+    d = tmp_path_factory.mktemp("heads")
+    saved = comfy.folder_names_and_paths.get("supercond_heads")
+    comfy.folder_names_and_paths["supercond_heads"] = ([str(d)], set(comfy.supported_pt_extensions) | {".safetensors"})
+    yield d
+    if saved is not None:
+        comfy.folder_names_and_paths["supercond_heads"] = saved
+
+
+@pytest.fixture(scope="module")
+def prompts(fam):
+    from comfy_helpers import encode
+
+    return encode(fam, "a red cube on a table"), encode(fam, "")
+
+
+def train(fam, positive, negative=None, latent=None, **kw):
+    from supercond.nodes.train_head import SupercondTrainHead
+
+    args = dict(mode="distill", steps=4, learning_rate=1e-3, head="projection", lora_rank=0, cfg_min=3.0,
+                cfg_max=9.0, seed=0, save_every=0, filename_prefix="t/head", resume=False) | kw
+    return SupercondTrainHead.execute(fam.model, positive, negative=negative, latent=latent, **args)
+
+
+def empty_latent(n=4, size=SIZE):
+    return {"samples": torch.zeros(n, 4, size, size)}
+
+
+def single_pass(model):
+    from supercond.nodes.singlepass import SupercondSinglePass
+
+    return SupercondSinglePass.execute(model, 0, "head").result[0]
+
+
+def guided_x0(model, x, sigma, pos, neg, cfg):
+    """The guided denoised prediction a sampler gets at state ``x`` (model space) and ``sigma``."""
+    import comfy.samplers
+
+    lf = model.model.latent_format
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(pos, neg)
+    guider.set_cfg(cfg)
+    sigmas = torch.tensor([float(sigma), 0.0])
+    out = guider.sample(torch.zeros_like(x), lf.process_out(x), comfy.samplers.sampler_object("euler"), sigmas,
+                        disable_pbar=True, seed=0)
+    return lf.process_in(out)
+
+
+def held_out_states(fam, pos, neg, n=2, steps=10, scale=6.0):
+    """States of a held-out two-pass CFG trajectory (Euler, normal schedule) from seeded noise."""
+    import comfy.samplers
+
+    ms = fam.model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "normal", steps).float()
+    g = torch.Generator().manual_seed(HELD_OUT_SEED)
+    x = torch.randn(n, 4, SIZE, SIZE, generator=g) * torch.sqrt(1 + sigmas[0] ** 2)
+    states = []
+    for i in range(steps):
+        states.append((x.clone(), float(sigmas[i])))
+        d = guided_x0(fam.model, x, sigmas[i], pos, neg, scale)
+        x = x + (x - d) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+    return states
+
+
+def errors(fam, trained, states, pos, neg):
+    """Per held-out sigma: rel_delta and rel_guided at each scale (core.head_objective.guidance_errors)."""
+    from supercond.core.head_objective import guidance_errors
+
+    sp = single_pass(trained)
+    rows = []
+    for x, sigma in states:
+        c = guided_x0(fam.model, x, sigma, pos, neg, 1.0)
+        u = guided_x0(fam.model, x, sigma, pos, neg, 0.0)      # cfg 0: the uncond prediction itself
+        u_hat = guided_x0(sp, x, sigma, pos, neg, 0.0)         # the head's
+        rows.append((sigma, {s: guidance_errors(c, u, u_hat, s) for s in SCALES}))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def distilled(fam, prompts, heads_dir):
+    """A last_block head with a rank-8 LoRA, distilled on the teacher's own CFG trajectories (an empty 64 px
+    LATENT sets their size and number)."""
+    pos, neg = prompts
+    before = {k: v.clone() for k, v in fam.model.model.diffusion_model.state_dict().items()}
+    model, path, plot = train(fam, pos, neg, empty_latent(), steps=120, learning_rate=1e-4, head="last_block",
+                              lora_rank=8,
+                              filename_prefix="distill/head").result
+    return model, path, plot, before
+
+
+def test_distillation_lowers_the_single_pass_error_well_below_the_fresh_head(fam, prompts, distilled):
+    from supercond.nodes.singlepass import SupercondNewHead
+
+    pos, neg = prompts
+    model = distilled[0]
+    states = held_out_states(fam, pos, neg)[::3]  # 4 sigmas from 14.6 down to the last states
+    fresh = errors(fam, SupercondNewHead.execute(fam.model, "last_block").result[0], states, pos, neg)
+    trained = errors(fam, model, states, pos, neg)
+    lines = ["sigma    scale  fresh rel_delta  trained rel_delta  fresh rel_guided  trained rel_guided"]
+    for (sigma, f), (_, t) in zip(fresh, trained, strict=True):
+        for s in SCALES:
+            lines.append(f"{sigma:7.3f}  {s:4.1f}  {f[s]['rel_delta']:15.4f}  {t[s]['rel_delta']:17.4f}  "
+                         f"{f[s]['rel_guided']:16.4f}  {t[s]['rel_guided']:18.4f}")
+    log.warning("distillation, held-out two-pass CFG trajectory states:\n%s", "\n".join(lines))
+    for (_, f), (sigma, t) in zip(fresh, trained, strict=True):
+        assert f[3.0]["rel_delta"] == pytest.approx(1.0, abs=1e-4)  # a fresh head predicts u_hat = c
+        for s in SCALES:  # trained/fresh of rel_guided is rel_delta at every scale: (s-1) cancels
+            assert t[s]["rel_guided"] < f[s]["rel_guided"] + 1e-6, (sigma, s, t[s], f[s])
+    # Where guidance moves the sample most (the noisiest half), and on average over all sigmas:
+    high = [t[3.0]["rel_delta"] for sigma, t in trained if sigma > 1.0]
+    mean = sum(t[3.0]["rel_delta"] for _, t in trained) / len(trained)
+    assert max(high) < 0.5 and mean < 0.5, (high, mean)
+    for s in SCALES:  # the guided error summed over the held-out states, per scale
+        assert sum(t[s]["rel_guided"] for _, t in trained) < 0.5 * sum(f[s]["rel_guided"] for _, f in fresh)
+
+
+def test_the_conditional_path_and_the_base_weights_are_unchanged(fam, prompts, distilled):
+    import comfy.patcher_extension as pe
+
+    pos, neg = prompts
+    model, _, _, before = distilled
+    after = fam.model.model.diffusion_model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    seen = []
+
+    def record(executor, model_, conds, x_in, timestep, model_options):
+        out = executor(model_, conds, x_in, timestep, model_options)
+        seen.append(out[0].clone())
+        return out
+
+    # The base model at cfg 1 runs the cond alone (batch 1), like single-pass: the same kernels, so bit for bit.
+    for m, cfg in ((fam.model, 1.0), (single_pass(model), 6.0)):
+        m = m.clone()
+        m.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, "supercond.test.cond", record)
+        x = torch.randn(1, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(3)) * 2.0
+        guided_x0(m, x, 1.5, pos, neg, cfg)
+    base_cond, single_cond = seen
+    assert torch.equal(base_cond, single_cond), "the conditional prediction changed"
+    # Attached but not sampled through SinglePass, the trained MODEL is the base model, bit for bit.
+    x = torch.randn(1, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(4)) * 3.0
+    assert torch.equal(guided_x0(model, x, 3.0, pos, neg, 6.0), guided_x0(fam.model, x, 3.0, pos, neg, 6.0))
+
+
+def test_saved_head_loads_with_load_head_and_reproduces_the_trained_model(fam, prompts, distilled, heads_dir):
+    from pathlib import Path
+
+    from supercond.nodes.singlepass import SupercondLoadHead
+
+    pos, neg = prompts
+    model, path, plot, _ = distilled
+    assert plot.shape[0] == 1 and plot.shape[-1] == 3
+    name = Path(path).relative_to(heads_dir).as_posix()
+    assert name == "distill/head_000120.safetensors"
+    loaded = SupercondLoadHead.execute(fam.model, name).result[0]
+    x = torch.randn(2, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(5)) * 4.0
+    for sigma in (8.0, 1.0):
+        a = guided_x0(single_pass(model), x, sigma, pos, neg, 7.0)
+        b = guided_x0(single_pass(loaded), x, sigma, pos, neg, 7.0)
+        assert torch.equal(a, b)
