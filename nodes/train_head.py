@@ -362,7 +362,6 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
         else:
             last = train_run.run_steps(step, lambda: trainer.step, cfg.steps, save, save_every, node_id,
                                        what="head training")
-        log.info("supercond: head losses %s", [round(v, 5) for v in trainer.losses])
         return last[0], trainer.losses, last[1]
 
 

@@ -189,3 +189,50 @@ def test_saved_head_loads_with_load_head_and_reproduces_the_trained_model(fam, p
         a = guided_x0(single_pass(model), x, sigma, pos, neg, 7.0)
         b = guided_x0(single_pass(loaded), x, sigma, pos, neg, 7.0)
         assert torch.equal(a, b)
+
+
+def test_resume_continues_exactly_where_a_straight_run_would_be(fam, prompts, heads_dir, monkeypatch):
+    """6 steps == 3 steps (cancelled), then resume to 6: the same head bit for bit (deterministic CPU run; the
+    trajectory pool, the optimizer and the step travel in the .state.pt). The learning rate's cosine is
+    stretched over `steps`, so the first run must have been asked for 6 steps too."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    pos, neg = prompts
+    straight = train(fam, pos, neg, empty_latent(), steps=6, filename_prefix="r/straight").result[1]
+
+    def interrupt(value, total, preview, node_id=None):
+        if value >= 3:
+            raise mm.InterruptProcessingException()
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", interrupt)
+    with pytest.raises(mm.InterruptProcessingException):
+        train(fam, pos, neg, empty_latent(), steps=6, filename_prefix="r/resumed")
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
+    resumed = train(fam, pos, neg, empty_latent(), steps=6, filename_prefix="r/resumed", resume=True).result[1]
+    assert resumed.endswith("resumed_000006.safetensors")
+    a, b = comfy.utils.load_torch_file(straight), comfy.utils.load_torch_file(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cancel_keeps_a_loadable_head(fam, prompts, heads_dir, monkeypatch):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    from supercond.nodes.singlepass import SupercondLoadHead
+
+    pos, neg = prompts
+
+    def interrupt(value, total, preview, node_id=None):  # what ComfyUI's hook does after POST /interrupt
+        if value >= 2:
+            raise mm.InterruptProcessingException()
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", interrupt)
+    with pytest.raises(mm.InterruptProcessingException):
+        train(fam, pos, neg, empty_latent(), steps=5, filename_prefix="c/head")
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
+    assert (heads_dir / "c" / "head_000002.safetensors").exists() and (heads_dir / "c" / "head_000002.state.pt").exists()
+    assert not list((heads_dir / "c").glob(".tmp_*"))
+    loaded = SupercondLoadHead.execute(fam.model, "c/head_000002.safetensors").result[0]
+    x = torch.randn(1, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(6)) * 2.0
+    assert torch.isfinite(guided_x0(single_pass(loaded), x, 2.0, pos, neg, 5.0)).all()
