@@ -204,6 +204,29 @@ def singlepass_guider() -> tuple[dict, str]:
     return g.nodes, note
 
 
+def singlepass_distill() -> tuple[dict, str]:
+    g = Graph()
+    ck = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
+    pos = g.add("CLIPTextEncode", "Positive", text=PROMPT, clip=out(ck, 1))
+    neg = g.add("CLIPTextEncode", "Empty negative (what the head learns)", text="", clip=out(ck, 1))
+    tr = g.add("SupercondTrainHead", model=out(ck), positive=out(pos), negative=out(neg), mode="distill", steps=300,
+               learning_rate=1e-4, head="projection", lora_rank=0, cfg_min=3.0, cfg_max=9.0, seed=0, save_every=100,
+               filename_prefix="supercond/distilled_head", resume=False)
+    g.add("PreviewImage", images=out(tr, 2))
+    sp = g.add("SupercondSinglePass", model=out(tr), real_cfg_steps=0, negative="head")
+    lat = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    _sample_and_save(g, out(sp), out(pos), out(neg), lat, out(ck, 2), "singlepass_distill", cfg=6.0)
+    note = ("**Make any checkpoint single-pass**: `Train Single-Pass Head` distils a second head from the frozen "
+            "checkpoint: on the model's own CFG trajectories (no images needed) the head learns to predict, from "
+            "the features of the prompt's forward pass, what the model predicts for the empty prompt. The model "
+            "itself is unchanged. `Single-Pass CFG` then gives the KSampler CFG from one model call per step. "
+            "The head is saved under models/supercond_heads (`supercond/distilled_head_<step>.safetensors`): next "
+            "time skip training and put `Load Single-Pass Head` (press R to refresh its list) between the "
+            "checkpoint and `Single-Pass CFG`. Train with your own prompts; more steps or `last_block` with "
+            "`lora_rank` 8 fit closer.")
+    return g.nodes, note
+
+
 def lora_train() -> tuple[dict, str]:
     g = Graph()
     ck = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
@@ -257,6 +280,7 @@ EXAMPLES: dict[str, Callable[[], tuple[dict, str]]] = {
     "epsilon_scaling_sd3": epsilon_scaling_sd3,
     "singlepass_ksampler": singlepass_ksampler,
     "singlepass_guider": singlepass_guider,
+    "singlepass_distill": singlepass_distill,
     "lora_train": lora_train,
     "lora_load": lora_load,
 }
