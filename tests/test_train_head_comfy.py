@@ -236,3 +236,69 @@ def test_cancel_keeps_a_loadable_head(fam, prompts, heads_dir, monkeypatch):
     loaded = SupercondLoadHead.execute(fam.model, "c/head_000002.safetensors").result[0]
     x = torch.randn(1, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(6)) * 2.0
     assert torch.isfinite(guided_x0(single_pass(loaded), x, 2.0, pos, neg, 5.0)).all()
+
+
+CAPTIONS = ("a red cube", "a blue sphere", "a green cone", "a yellow ring")
+
+
+@pytest.fixture(scope="module")
+def gist_data(fam):
+    from comfy_helpers import encode
+
+    conds = [entry for text in CAPTIONS for entry in encode(fam, text)]  # one caption per latent
+    latents = torch.randn(4, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(8))
+    return latents, conds
+
+
+def rolled_at_step0(seed, n=4):
+    """The batch order and rolled mask of step 0, drawn as core.head_train draws them."""
+    from supercond.core import head_objective as ho
+    from supercond.core import head_train as ht
+    from supercond.core.perturb import seeded_generator
+
+    idx = ht.epoch_indices(n, n, 0, seed)
+    _, rolled = ho.roll_captions(n, ho.GIST_FRACTION, seeded_generator(seed, ht._DRAW, 0))
+    return idx, rolled
+
+
+def gist_head(fam, conds, latents, seed, prefix):
+    import comfy.utils
+
+    path = train(fam, conds, latent={"samples": latents}, mode="gist", steps=1, seed=seed,
+                 filename_prefix=prefix).result[1]
+    return comfy.utils.load_torch_file(path)
+
+
+def test_gist_trains_the_head_only_from_rolled_samples(fam, gist_data, heads_dir):
+    """One gist step: with no rolled sample the head does not move; with one, it moves, and changing the
+    images of the non-rolled samples (whose conditional term is all they feed) leaves it bit-identical,
+    while changing the rolled sample's image changes it."""
+    from supercond.core.heads import head_state
+    from supercond.nodes import singlepass_hook as hook
+
+    latents, conds = gist_data
+    seeds = {bool(rolled_at_step0(s)[1].any()): s for s in range(200)}
+    fresh = head_state(hook.new_head(fam.model, "projection"))
+    none_rolled = gist_head(fam, conds, latents, seeds[False], "g/none")
+    assert all(torch.equal(none_rolled[k], fresh[k].float()) for k in fresh)
+
+    seed = seeds[True]
+    idx, rolled = rolled_at_step0(seed)
+    base = gist_head(fam, conds, latents, seed, "g/base")
+    assert not all(torch.equal(base[k], fresh[k].float()) for k in fresh)
+    others = latents.clone()
+    others[idx[~rolled]] = torch.randn(int((~rolled).sum()), 4, SIZE, SIZE, generator=torch.Generator().manual_seed(9))
+    same = gist_head(fam, conds, others, seed, "g/others")
+    assert all(torch.equal(base[k], same[k]) for k in base), "non-rolled samples reached the head"
+    moved = latents.clone()
+    moved[idx[rolled]] = -moved[idx[rolled]]
+    changed = gist_head(fam, conds, moved, seed, "g/rolled")
+    assert not all(torch.equal(base[k], changed[k]) for k in base)
+
+
+def test_gist_with_one_caption_has_nothing_to_roll(fam, prompts, gist_data, heads_dir):
+    latents, _ = gist_data
+    with pytest.raises(ValueError, match="gist mode with a batch of one caption: nothing to roll"):
+        train(fam, prompts[0], latent={"samples": latents}, mode="gist")
+    with pytest.raises(ValueError, match="gist mode trains on images"):
+        train(fam, prompts[0], mode="gist")
