@@ -302,3 +302,51 @@ def test_gist_with_one_caption_has_nothing_to_roll(fam, prompts, gist_data, head
         train(fam, prompts[0], latent={"samples": latents}, mode="gist")
     with pytest.raises(ValueError, match="gist mode trains on images"):
         train(fam, prompts[0], mode="gist")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(steps=0), "steps must be >= 1"),
+    (dict(cfg_min=9.0, cfg_max=3.0), "cfg_min <= cfg_max"),
+    (dict(filename_prefix="../escape"), "outside the supercond_heads folder"),
+    (dict(filename_prefix="/abs/head"), "relative path"),
+    (dict(negative=torch.zeros(1, 77, 768)), "negative is not a CONDITIONING"),
+    (dict(negative="a prompt"), "negative is not a CONDITIONING"),
+    (dict(negative=None), "connect a CLIPTextEncode of an empty prompt"),
+])
+def test_bad_input_fails_clearly_before_writing_anything(fam, prompts, heads_dir, change, message):
+    pos, neg = prompts
+    kw = dict(negative=neg, latent=empty_latent(), filename_prefix="bad/head") | change
+    with pytest.raises(ValueError, match=message):
+        train(fam, pos, **kw)
+    assert not list(heads_dir.glob("bad/*"))
+
+
+def test_cfg_range_is_refused_when_the_prompt_is_queued():
+    from supercond.nodes.train_head import SupercondTrainHead
+
+    assert "must not be larger than cfg_max" in SupercondTrainHead.validate_inputs(cfg_min=9.0, cfg_max=3.0)
+    assert SupercondTrainHead.validate_inputs(cfg_min=3.0, cfg_max=3.0) is True
+
+
+def test_a_head_of_the_other_type_or_a_checkpoint_that_does_not_fit_is_refused(fam, prompts, heads_dir):
+    from safetensors import safe_open
+
+    from supercond.core.lora import save_atomic
+    from supercond.nodes.singlepass import SupercondNewHead
+
+    pos, neg = prompts
+    with_block = SupercondNewHead.execute(fam.model, "last_block").result[0]
+    from supercond.nodes.train_head import SupercondTrainHead
+
+    with pytest.raises(ValueError, match="already carries a last_block head"):
+        SupercondTrainHead.execute(with_block, pos, "distill", 1, 1e-4, "projection", 0, 3.0, 9.0, 0, 0, "m/x",
+                                   False, negative=neg, latent=empty_latent())
+    path = train(fam, pos, neg, empty_latent(), steps=1, filename_prefix="m/head").result[1]
+    with pytest.raises(ValueError, match="cannot resume from .*does not fit this head"):
+        train(fam, pos, neg, empty_latent(), steps=2, head="last_block", filename_prefix="m/head", resume=True)
+    with safe_open(path, "pt") as f:  # the same checkpoint, claiming another model family
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_atomic(path, tensors, meta | {"family": "SDXL"})
+    with pytest.raises(ValueError, match="cannot resume from .*does not fit this model.*family"):
+        train(fam, pos, neg, empty_latent(), steps=2, filename_prefix="m/head", resume=True)
+    assert sorted(p.name for p in (heads_dir / "m").iterdir()) == ["head_000001.safetensors", "head_000001.state.pt"]
