@@ -350,3 +350,39 @@ def test_a_head_of_the_other_type_or_a_checkpoint_that_does_not_fit_is_refused(f
     with pytest.raises(ValueError, match="cannot resume from .*does not fit this model.*family"):
         train(fam, pos, neg, empty_latent(), steps=2, filename_prefix="m/head", resume=True)
     assert sorted(p.name for p in (heads_dir / "m").iterdir()) == ["head_000001.safetensors", "head_000001.state.pt"]
+
+
+def test_distillation_on_noised_latents_lowers_the_error_too(fam, prompts, gist_data, heads_dir):
+    """With a LATENT of images (not an empty one) the states are those images noised at random sigmas."""
+    from supercond.nodes.singlepass import SupercondNewHead
+
+    pos, neg = prompts
+    latents, _ = gist_data
+    model = train(fam, pos, neg, {"samples": latents}, steps=40, learning_rate=1e-4, filename_prefix="n/head").result[0]
+    x0 = fam.model.model.process_latent_in(latents[:2])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(HELD_OUT_SEED))
+    states = [(x0 + s * noise, s) for s in (8.0, 2.0, 0.5)]
+    fresh = errors(fam, SupercondNewHead.execute(fam.model, "projection").result[0], states, pos, neg)
+    trained = errors(fam, model, states, pos, neg)
+    got = [t[3.0]["rel_delta"] for _, t in trained]
+    log.warning("noised-latent distillation, rel_delta at sigma 8, 2, 0.5: %s", [round(v, 4) for v in got])
+    assert all(f[3.0]["rel_delta"] == pytest.approx(1.0, abs=1e-4) for _, f in fresh)
+    assert sum(got) / len(got) < 0.8, got
+
+
+@pytest.mark.parametrize("head", ["projection", "last_block"])
+def test_flow_model_heads_train_and_sample(comfy, fixture_checkpoints, heads_dir, head):
+    """The SD3 (MMDiT, flow) fixture: the capture points and the head's forward work in training too."""
+    from comfy_helpers import encode, load_family
+
+    from supercond.nodes.train_head import SupercondTrainHead
+
+    flow = load_family("flow", fixture_checkpoints)
+    pos, neg = encode(flow, "a red cube"), encode(flow, "")
+    model, path, _ = SupercondTrainHead.execute(flow.model, pos, "distill", 2, 1e-4, head, 4, 3.0, 9.0, 0, 0,
+                                                f"flow/{head}", False, negative=neg,
+                                                latent={"samples": torch.zeros(2, 16, SIZE, SIZE)}).result
+    assert path.endswith("_000002.safetensors")
+    x = torch.randn(1, 16, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    out = guided_x0(single_pass(model), x, 0.7, pos, neg, 4.0)
+    assert torch.isfinite(out).all()
