@@ -386,3 +386,21 @@ def test_flow_model_heads_train_and_sample(comfy, fixture_checkpoints, heads_dir
     x = torch.randn(1, 16, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
     out = guided_x0(single_pass(model), x, 0.7, pos, neg, 4.0)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.server
+def test_the_server_refuses_a_wrong_negative_link_and_a_bad_cfg_range_with_http_400(client):
+    from prompts import find, set_inputs
+
+    from supercond.tools import workflows
+    from supercond.tools.server import PromptRejected
+
+    wf = workflows.load(workflows.WORKFLOW_DIR / "singlepass_distill.json")
+    prompt = workflows.shrink(workflows.retarget(workflows.to_api(wf, client.object_info())))
+    loader = find(prompt, "CheckpointLoaderSimple")
+    with pytest.raises(PromptRejected) as err:
+        client.queue(set_inputs(prompt, "SupercondTrainHead", negative=[loader, 0]))  # a MODEL, not CONDITIONING
+    assert "negative" in str(err.value) and "CONDITIONING" in str(err.value)
+    with pytest.raises(PromptRejected) as err:
+        client.queue(set_inputs(prompt, "SupercondTrainHead", cfg_min=9.0, cfg_max=3.0))
+    assert "cfg_min (9.0) must not be larger than cfg_max (3.0)" in str(err.value)
