@@ -404,3 +404,26 @@ def test_the_server_refuses_a_wrong_negative_link_and_a_bad_cfg_range_with_http_
     with pytest.raises(PromptRejected) as err:
         client.queue(set_inputs(prompt, "SupercondTrainHead", cfg_min=9.0, cfg_max=3.0))
     assert "cfg_min (9.0) must not be larger than cfg_max (3.0)" in str(err.value)
+
+
+def test_training_starts_from_the_head_the_model_carries(fam, prompts, distilled, heads_dir):
+    import comfy.utils
+
+    from supercond.core.heads import head_state
+    from supercond.nodes import singlepass_hook as hook
+
+    pos, neg = prompts
+    model, path, _, _ = distilled
+    start = comfy.utils.load_torch_file(path)
+    after = comfy.utils.load_torch_file(_train_on(model, pos, neg))
+    fresh = head_state(hook.new_head(fam.model, "last_block"))
+    moved = max(float((after[k] - start[k]).abs().max()) for k in start)
+    assert moved <= 2e-8, moved  # one step of lr 1e-8 away from the carried head ...
+    assert max(float((start[k] - fresh[k].float()).abs().max()) for k in start) > 1e-4  # ... not from a fresh one
+
+
+def _train_on(model, pos, neg):
+    from supercond.nodes.train_head import SupercondTrainHead
+
+    return SupercondTrainHead.execute(model, pos, "distill", 1, 1e-8, "last_block", 0, 3.0, 9.0, 0, 0, "s/head", False,
+                                      negative=neg, latent=empty_latent()).result[1]
