@@ -222,8 +222,9 @@ class SupercondTrainHead(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, cfg_min, cfg_max) -> bool | str:
-        if cfg_min > cfg_max:
+    def validate_inputs(cls, cfg_min=None, cfg_max=None) -> bool | str:
+        # Linked (not widget) values are not known at queue time; execute() checks them.
+        if cfg_min is not None and cfg_max is not None and cfg_min > cfg_max:
             return f"cfg_min ({cfg_min}) must not be larger than cfg_max ({cfg_max})"
         return True
 
