@@ -321,7 +321,7 @@ def test_bad_input_fails_clearly_before_writing_anything(fam, prompts, heads_dir
     assert not list(heads_dir.glob("bad/*"))
 
 
-def test_cfg_range_is_refused_when_the_prompt_is_queued():
+def test_cfg_range_is_refused_when_the_prompt_is_queued(comfy):
     from supercond.nodes.train_head import SupercondTrainHead
 
     assert "must not be larger than cfg_max" in SupercondTrainHead.validate_inputs(cfg_min=9.0, cfg_max=3.0)
