@@ -150,7 +150,10 @@ def train(model, latents: torch.Tensor, rows: list[dict], empty: dict | None, cf
         tm.materialize_weights(dm)
         net = LoRANetwork(tm.target_layers(mp), cfg.rank, cfg.alpha, seeded_generator(cfg.seed, 0x10BA), device)
         sigmas = mp.get_model_object("model_sampling").sigmas
-        trainer = Trainer(cfg, list(net.parameters()), tm.denoiser(mp, device), sigmas, latents.clone(), rows,
+        # A LATENT holds the VAE's raw output; the model sees it as samplers feed it (SD's 0.18215 scale,
+        # SD3's shift), so train on that, as ComfyUI's TrainLoraNode does through its sampler.
+        model_latents = mp.model.process_latent_in(latents.float())
+        trainer = Trainer(cfg, list(net.parameters()), tm.denoiser(mp, device), sigmas, model_latents, rows,
                           empty, device)
         if resume:
             found = tm.last_checkpoint(stem)

@@ -93,8 +93,9 @@ def eps_mse(fam, model, x0, seed=5):
 def test_loss_falls_on_an_overfit_task(fixture_checkpoints, loras):
     fam = fam_of("eps", fixture_checkpoints)
     lat, cond = data(fam, n=1)
-    model = run(fam, lat, cond, steps=10, learning_rate=1e-2, rank=8, alpha=8.0).result[0]
-    assert eps_mse(fam, model, lat["samples"]) < 0.9 * eps_mse(fam, fam.model, lat["samples"])
+    model = run(fam, lat, cond, steps=30, learning_rate=1e-2, rank=8, alpha=8.0).result[0]
+    x0 = fam.model.model.process_latent_in(lat["samples"])  # what the trainer sees (the sampler's scale)
+    assert eps_mse(fam, model, x0) < 0.9 * eps_mse(fam, fam.model, x0)
 
 
 def test_cancel_keeps_a_loadable_checkpoint_and_resume_continues(fixture_checkpoints, loras, monkeypatch):
@@ -331,3 +332,26 @@ def test_interrupt_between_micro_batches_stops_within_the_step(fixture_checkpoin
     saved = sorted(p.name for p in (loras / "m").glob("*.safetensors"))
     assert saved == ["lora_000001.safetensors"]
     assert comfy.utils.load_torch_file(str(loras / "m" / saved[0]))
+
+
+@pytest.mark.parametrize("name", ["eps", "flow"])
+def test_trains_on_latents_as_the_sampler_feeds_them(name, fixture_checkpoints, loras, monkeypatch):
+    """A LATENT is the VAE's raw output; the model must see it scaled (SD1.x) or shifted and scaled
+    (SD3) by process_latent_in, as a sampler feeds it."""
+    import supercond.nodes.train as train_node
+
+    seen = {}
+    real = train_node.Trainer
+
+    class Recording(real):
+        def __init__(self, cfg, params, denoise, sigmas, latents, *a, **kw):
+            seen["latents"] = latents.clone()
+            super().__init__(cfg, params, denoise, sigmas, latents, *a, **kw)
+
+    monkeypatch.setattr(train_node, "Trainer", Recording)
+    fam = fam_of(name, fixture_checkpoints)
+    lat, cond = data(fam, n=1)
+    run(fam, lat, cond, steps=1)
+    expected = fam.model.model.process_latent_in(lat["samples"].float())
+    assert not torch.equal(expected, lat["samples"])  # the fixture's latent format does transform
+    assert torch.equal(seen["latents"], expected)
