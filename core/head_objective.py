@@ -8,8 +8,10 @@ Two ways to get a head (seed 003 and research/singlepass.md section 4):
   prediction; the first output is trained on the others only.
 - **distill**: a frozen model teaches the head its own prediction for the empty prompt. The guided
   error is ``(s - 1) * (u_hat - u)`` at scale ``s``, so each sample is weighted by ``(s - 1)^2``
-  for a scale drawn from the range the head will be used at, plus a floor so the head is still
-  learned near ``s = 1``.
+  for a scale drawn from the range the head will be used at, plus a flat term so the head is
+  still learned near ``s = 1``. The flat term equals the range's mean ``(s - 1)^2`` (half the
+  weight is flat): on the toy bench a small floor (0.25) starved the low scales (direction error
+  0.22 vs 0.08 unweighted at s = 1.5) and gained nothing measurable at s = 8.
 
 Per-sample errors are means over every non-batch axis, so the loss scale does not depend on the
 latent size.
@@ -20,7 +22,8 @@ from __future__ import annotations
 import torch
 
 GIST_FRACTION = 0.1  # the gist's share of rolled captions
-DISTILL_FLOOR = 0.25  # the unweighted share of the distillation weight, (s - 1)^2 + floor
+DISTILL_FLOOR = 0.25  # the least flat term of the distillation weight, (s - 1)^2 + floor
+FLAT_SHARE = 1.0  # the flat term as a multiple of the range's mean (s - 1)^2
 
 
 class HeadTrainError(ValueError):
@@ -71,18 +74,28 @@ def guidance_weight(scales: torch.Tensor, floor: float = DISTILL_FLOOR) -> torch
     return (scales - 1.0).pow(2) + floor
 
 
-def mean_guidance_weight(cfg_min: float, cfg_max: float, floor: float = DISTILL_FLOOR) -> float:
-    """E[(s - 1)^2] + floor for s uniform on [cfg_min, cfg_max] (closed form)."""
+def mean_square_gap(cfg_min: float, cfg_max: float) -> float:
+    """E[(s - 1)^2] for s uniform on [cfg_min, cfg_max] (closed form)."""
     check_scale_range(cfg_min, cfg_max)
     a, b = cfg_min - 1.0, cfg_max - 1.0
-    mean_sq = a * a if b == a else (b**3 - a**3) / (3.0 * (b - a))
-    return mean_sq + floor
+    return a * a if b == a else (b**3 - a**3) / (3.0 * (b - a))
+
+
+def distill_floor(cfg_min: float, cfg_max: float) -> float:
+    return max(FLAT_SHARE * mean_square_gap(cfg_min, cfg_max), DISTILL_FLOOR)
+
+
+def mean_guidance_weight(cfg_min: float, cfg_max: float, floor: float = DISTILL_FLOOR) -> float:
+    """E[(s - 1)^2] + floor for s uniform on [cfg_min, cfg_max]."""
+    return mean_square_gap(cfg_min, cfg_max) + floor
 
 
 def distill_loss(uncond_hat: torch.Tensor, uncond_teacher: torch.Tensor, scales: torch.Tensor,
-                 cfg_min: float, cfg_max: float, floor: float = DISTILL_FLOOR) -> torch.Tensor:
+                 cfg_min: float, cfg_max: float, floor: float | None = None) -> torch.Tensor:
     """Scale-weighted error of the head's unconditional prediction against the teacher's, normalised
-    by the mean weight of the range so the learning rate means the same for any range."""
+    by the mean weight of the range so the learning rate means the same for any range. ``floor``
+    defaults to ``distill_floor`` (half the weight flat)."""
+    floor = distill_floor(cfg_min, cfg_max) if floor is None else floor
     w = guidance_weight(scales.to(uncond_hat.device).float(), floor) / mean_guidance_weight(cfg_min, cfg_max, floor)
     return (w * per_sample_mse(uncond_hat, uncond_teacher)).mean()
 

@@ -179,3 +179,20 @@ def test_a_lora_merged_into_the_head_gives_the_attached_output(layer):
 def test_config_refuses_bad_settings(bad, message):
     with pytest.raises(ho.HeadTrainError, match=message):
         HeadTrainConfig(**bad).validate()
+
+
+def test_distill_weight_is_half_flat_and_normalised():
+    g = torch.Generator().manual_seed(0)
+    s = ho.sample_scales(200_000, 3.0, 9.0, g)
+    gap = ho.mean_square_gap(3.0, 9.0)
+    assert abs(float((s - 1).pow(2).mean()) / gap - 1) < 0.01  # the closed form
+    assert ho.distill_floor(3.0, 9.0) == gap  # half of the mean weight is flat
+    ones = torch.ones(len(s), 1)
+    # per-sample error 1 everywhere: the normalised weights average to 1 for any range
+    assert abs(float(ho.distill_loss(ones, torch.zeros_like(ones), s, 3.0, 9.0)) - 1) < 0.01
+    # a high scale weighs more than a low one, at most (8^2 + gap) / gap times
+    hi = ho.distill_loss(ones[:1], torch.zeros(1, 1), torch.tensor([9.0]), 3.0, 9.0)
+    lo = ho.distill_loss(ones[:1], torch.zeros(1, 1), torch.tensor([3.0]), 3.0, 9.0)
+    assert 1 < float(hi / lo) <= (64 + gap) / gap
+    # the range [1, 1] is the plain MSE
+    assert float(ho.distill_loss(ones, torch.zeros_like(ones), torch.ones(len(s)), 1.0, 1.0)) == 1.0
