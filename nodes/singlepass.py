@@ -67,7 +67,7 @@ class SupercondLoadHead(io.ComfyNode):
                          "model. A head for another model family, prediction type or width is refused."),
             inputs=[
                 io.Model.Input("model"),
-                io.Combo.Input("head_name", options=folder_paths.get_filename_list(FOLDER),
+                io.Combo.Input("head_name", options=head_names(),
                                tooltip=f"A head file in the {FOLDER} model folder (extra_model_paths.yaml works)."),
             ],
             outputs=[io.Model.Output()],
@@ -87,6 +87,11 @@ class SupercondLoadHead(io.ComfyNode):
         except core_heads.HeadFileError as e:
             raise ValueError(str(e)) from None
         return io.NodeOutput(hook.attach_head(model, head))
+
+
+def head_names() -> list[str]:
+    """Files in the heads folder(s), less SupercondTrainHead's resume states (``.state.pt``)."""
+    return [n for n in folder_paths.get_filename_list(FOLDER) if not n.endswith(".state.pt")]
 
 
 def head_path(name: str) -> tuple[str | None, str | None]:

@@ -4,8 +4,10 @@ Shared by SupercondTrainLoRA and SupercondTrainHead so both behave the same."""
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,6 +45,21 @@ def check_writable(folder: Path, what: str) -> None:
         raise RunInputError(f"cannot write {what} to {folder}: {e}") from e
 
 
+_CHECKPOINT = re.compile(r"^(?P<stem>.+)_(?P<step>\d{6})\.safetensors$")
+
+
+def drop_older_states(saved: Path) -> None:
+    """Delete the optimizer states of earlier checkpoints of the same prefix: resume only needs the
+    newest, and at ~1 MB per rank per save they pile up. The checkpoints themselves are kept."""
+    m = _CHECKPOINT.match(saved.name)
+    if m is None:
+        return
+    for p in saved.parent.glob(f"{glob.escape(m['stem'])}_*.state.pt"):
+        step = p.name[len(m["stem"]) + 1:-len(".state.pt")]
+        if step.isdigit() and len(step) == 6 and int(step) < int(m["step"]):
+            p.unlink(missing_ok=True)
+
+
 def run_steps(step: Callable[[], float], done: Callable[[], int], total: int, save: Callable[[], Saved],
               save_every: int, node_id: str | None, last: Saved | None = None, what: str = "training") -> Saved:
     """Call ``step`` (one optimizer step, returns its loss) until ``done()`` reaches ``total``, then save.
@@ -67,15 +84,18 @@ def run_steps(step: Callable[[], float], done: Callable[[], int], total: int, sa
             events.add(n, loss, reset=n == 1)
             if save_every and n % save_every == 0 and n < total:
                 last = save()
+                drop_older_states(Path(last[0]))
             pbar.update_absolute(n)  # also where ComfyUI raises on Cancel
             if n % 10 == 0:
                 progress_text(f"step {n}/{total}  loss {loss:.4f}", node_id)
         last = save()
+        drop_older_states(Path(last[0]))
     except NaNLoss as e:
         kept = f"; the last good checkpoint is {last[0]}" if last else "; no checkpoint was saved"
         raise TrainError(f"{e}: {what} stopped{kept}. Lower learning_rate or check the inputs.") from e
     except mm.InterruptProcessingException:
         saved: Any = save()
+        drop_older_states(Path(saved[0]))
         log.info("supercond: %s cancelled at step %d; saved %s", what, done(), saved[0])
         raise
     finally:

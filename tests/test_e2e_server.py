@@ -58,7 +58,7 @@ def test_examples_are_listed_as_templates(client):
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
-def test_every_example_workflow_runs(client, object_info, path, artifacts):
+def test_every_example_workflow_runs(server, client, object_info, path, artifacts):
     prompt = workflows.shrink(workflows.retarget(workflows.to_api(workflows.load(path), object_info)))
     result = client.run(prompt)
     assert result.status == "success", (result.error or {}).get("exception_message", result.error)
@@ -66,6 +66,10 @@ def test_every_example_workflow_runs(client, object_info, path, artifacts):
     assert images, "the workflow produced no image"
     for i, (node, png) in enumerate(images):
         (artifacts / f"e2e_{path.stem}_{node}_{i}.png").write_bytes(png)
+    # trained files land in the server's own folders (first in folder_paths), never in ComfyUI's or the fixtures'
+    for trainer, folder in (("SupercondTrainLoRA", server.loras_dir), ("SupercondTrainHead", server.heads_dir)):
+        if any(v["class_type"] == trainer for v in prompt.values()):
+            assert list(folder.rglob("*.safetensors")), f"{trainer} saved nothing in {folder}"
     plots = [n for n, _ in images if prompt[n]["class_type"] == "SupercondPlotPerturbation"]
     if any(v["class_type"] == "SupercondPlotPerturbation" for v in prompt.values()):
         assert plots, "the noise-to-signal plot was not shown"

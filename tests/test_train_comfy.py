@@ -250,7 +250,8 @@ def test_twenty_steps_equal_ten_then_resume_ten(fixture_checkpoints, loras, monk
         assert torch.equal(a[k], b[k]), (k, (a[k].float() - b[k].float()).abs().max())
     assert len(pa) == len(pb) and all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
     # the resumed half did train: step 10 is not step 20
-    mid, _ = saved_tensors(loras, "resumed/lora", 10)
+    mid = comfy.utils.load_torch_file(str(loras / "resumed" / "lora_000010.safetensors"))
+    assert not (loras / "resumed" / "lora_000010.state.pt").exists()  # only the newest state is kept
     assert any(not torch.equal(mid[k], a[k]) for k in a if k.endswith("lora_up.weight"))
 
 
@@ -355,3 +356,16 @@ def test_trains_on_latents_as_the_sampler_feeds_them(name, fixture_checkpoints, 
     expected = fam.model.model.process_latent_in(lat["samples"].float())
     assert not torch.equal(expected, lat["samples"])  # the fixture's latent format does transform
     assert torch.equal(seen["latents"], expected)
+
+
+def test_only_the_newest_optimizer_state_is_kept(fixture_checkpoints, loras):
+    """save_every writes a LoRA per checkpoint but resume needs only the newest .state.pt."""
+    fam = fam_of("eps", fixture_checkpoints)
+    lat, cond = data(fam, n=1)
+    (loras / "k").mkdir()
+    other = loras / "k" / "lora2_000001.state.pt"  # another prefix's state is not touched
+    other.write_bytes(b"x")
+    run(fam, lat, cond, steps=3, save_every=1, filename_prefix="k/lora")
+    names = sorted(p.name for p in (loras / "k").iterdir())
+    assert names == ["lora2_000001.state.pt", "lora_000001.safetensors", "lora_000002.safetensors",
+                     "lora_000003.safetensors", "lora_000003.state.pt"]
