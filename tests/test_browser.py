@@ -55,3 +55,11 @@ def test_example_loads_queues_and_succeeds_in_the_editor(page, server, path, art
         requests.post(f"{server.url}/queue", json={"clear": True}, timeout=10)
     assert result["status"] == "success", result
     assert not page.page_errors, page.page_errors
+    # trainer nodes: the live loss chart received the run's losses over the websocket and drew them
+    charts = page.evaluate("""() => window.app.graph._nodes.filter(n => n.__scLoss).map(n => ({
+        type: n.type, points: n.__scLoss.points.length, total: n.__scLoss.total,
+        drawn: n.__scLoss.canvas.width > 0 }))""")
+    trainers = [n for n in wf["nodes"] if n["type"] in ("SupercondTrainLoRA", "SupercondTrainHead")]
+    assert len(charts) == len(trainers), charts
+    for chart in charts:
+        assert chart["points"] == chart["total"] > 0 and chart["drawn"], chart
