@@ -4,7 +4,6 @@ closure over ``apply_model``, gradient checkpointing, and the checkpoint files u
 from __future__ import annotations
 
 import logging
-import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,27 +129,6 @@ def checkpointing(diffusion_model: nn.Module, enabled: bool):
 
 
 # -- files -----------------------------------------------------------------------------------------
-def prefix_path(loras_dir: str | Path, prefix: str) -> Path:
-    """The file stem for ``prefix`` under the loras folder; a prefix that would leave it is refused."""
-    root = Path(loras_dir).resolve()
-    if not prefix or prefix.strip() != prefix or Path(prefix).is_absolute():
-        raise TrainInputError(f"filename_prefix {prefix!r} must be a relative path like 'supercond/my_lora'")
-    stem = (root / prefix).resolve()
-    if os.path.commonpath([root, stem]) != str(root) or stem == root:
-        raise TrainInputError(f"filename_prefix {prefix!r} would write outside the loras folder {root}")
-    return stem
-
-
-def check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".supercond_write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise TrainInputError(f"cannot write LoRA files to {folder}: {e}") from e
-
-
 def checkpoint_file(stem: Path, step: int) -> Path:
     return stem.with_name(f"{stem.name}_{step:06d}.safetensors")
 
