@@ -149,21 +149,32 @@ def epoch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
 
 
 class HeadTrainer:
-    """One objective step at a time; ``params`` are what the optimizer trains (the head, or a LoRA in it).
+    """One objective step at a time; ``params`` are what the optimizer trains in the head (the head, or
+    a LoRA in it), ``backbone`` the model's own trainable parameters (gist only: a LoRA on the model).
 
     - distill: ``teach`` (no grad) gives the teacher's cond and uncond predictions and the features
       of the positive rows; ``head`` predicts the uncond from those features; loss ``distill_loss``.
       States come from ``pool`` (on-policy trajectories) or, if given, noised ``latents``.
-    - gist: each shuffled batch rolls about 10% of captions; ``forward`` (no grad: the backbone is
-      frozen) gives the cond prediction and features under the captions as rolled; loss ``gist_loss``
-      with the head's output on rolled samples and the cond output on the others.
+    - gist: each shuffled batch rolls about 10% of captions; ``forward`` gives the cond prediction and
+      features under the captions as rolled; loss ``gist_loss`` with the head's output on rolled
+      samples and the cond output on the others. With ``backbone`` (seed 003 in full) ``forward`` runs
+      with grad and its features are not detached: non-rolled samples train the backbone through the
+      cond output, rolled ones train the head and, through the shared features, the backbone too.
+      Without it the backbone is frozen (no grad) and the cond term trains nothing.
+
+    Head and backbone gradients are clipped separately, so the backbone's gradient (from every
+    sample) never scales the head's step, which then depends on the rolled samples only.
     """
 
     def __init__(self, cfg: HeadTrainConfig, params: Sequence[torch.nn.Parameter], head: Head,
                  sigma_table: torch.Tensor, *, teach: Teach | None = None, forward: Forward | None = None,
                  latents: torch.Tensor | None = None, captions: torch.Tensor | None = None, n_prompts: int = 1,
-                 pool: TrajectoryPool | None = None, device: torch.device | str = "cpu") -> None:
+                 pool: TrajectoryPool | None = None, backbone: Sequence[torch.nn.Parameter] = (),
+                 device: torch.device | str = "cpu") -> None:
         cfg.validate()
+        if backbone and cfg.mode != "gist":
+            raise ho.HeadTrainError("only gist mode trains the model itself; distill keeps it frozen (its LoRA, "
+                                    "if any, lives inside the head)")
         if cfg.mode == "distill" and (teach is None or (pool is None) == (latents is None)):
             raise ho.HeadTrainError("distill mode needs a teacher and either a trajectory pool or latents")
         if cfg.mode == "gist" and (forward is None or latents is None or captions is None):
@@ -176,8 +187,11 @@ class HeadTrainer:
         self.latents = None if latents is None else latents.detach().float().cpu()
         self.captions = captions
         self.n_prompts = n_prompts
+        self.backbone = list(backbone)
         self.device = torch.device(device)
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=0.0)
+        self.groups = [g for g in (self.params, self.backbone) if g]
+        self.optimizer = torch.optim.AdamW([{"params": g} for g in self.groups], lr=cfg.learning_rate,
+                                           weight_decay=0.0)
         self.step = 0
         self.losses: list[float] = []
 
@@ -223,7 +237,8 @@ class HeadTrainer:
         source, rolled = ho.roll_captions(len(idx), ho.GIST_FRACTION, g)
         captions = self.captions[idx][source]  # a rolled sample takes the previous sample's caption
         x, sigma, target = self._noised(idx, g)
-        with torch.no_grad():  # the backbone is frozen: the cond term carries no gradient here
+        # A frozen backbone gets no graph: its cond term carries no gradient then.
+        with torch.set_grad_enabled(bool(self.backbone)):
             cond, feats = self.forward(x, sigma, captions)
         u_hat = self.head(feats, x, sigma)
         return ho.gist_loss(self._native(cond, x, sigma), self._native(u_hat, x, sigma), target, rolled)
@@ -246,7 +261,8 @@ class HeadTrainer:
             raise NaNLoss(self.step)
         loss.backward()
         if self.cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            for group in self.groups:
+                torch.nn.utils.clip_grad_norm_(group, self.cfg.max_grad_norm)
         self.optimizer.step()
         if guided is not None:
             self.pool.advance(guided)
@@ -257,6 +273,7 @@ class HeadTrainer:
     def state_dict(self) -> dict:
         return {"step": self.step, "losses": list(self.losses), "optimizer": self.optimizer.state_dict(),
                 "params": [p.detach().cpu().clone() for p in self.params],
+                "backbone": [p.detach().cpu().clone() for p in self.backbone],
                 "pool": None if self.pool is None else self.pool.state_dict()}
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -265,11 +282,16 @@ class HeadTrainer:
                                                   for p, v in zip(self.params, saved, strict=False)):
             raise ho.HeadTrainError("the saved training state does not fit this head: resume with the same head "
                                     "type, lora_rank and model, or switch resume off")
+        backbone = state.get("backbone") or []
+        if len(backbone) != len(self.backbone) or any(tuple(p.shape) != tuple(v.shape)
+                                                      for p, v in zip(self.backbone, backbone, strict=False)):
+            raise ho.HeadTrainError("the saved training state does not fit this run's LoRA of the model: resume "
+                                    "with the same mode, lora_rank and model, or switch resume off")
         if (state.get("pool") is None) != (self.pool is None):
             raise ho.HeadTrainError("the saved training state was made with%s a LATENT: resume with the same inputs"
                                     % ("out" if state.get("pool") is not None else ""))
         with torch.no_grad():
-            for p, v in zip(self.params, saved, strict=True):
+            for p, v in zip(self.params + self.backbone, list(saved) + list(backbone), strict=True):
                 p.copy_(v)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.pool is not None:

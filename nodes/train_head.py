@@ -2,12 +2,16 @@
 from the frozen model or with the gist's rolled-caption objective (core/head_train.py), with the
 trainer's progress bar, Cancel, live loss chart, atomic checkpoints and resume (nodes/train_run.py).
 
-The backbone is never changed: the head is a separate module fed with features captured from the
-model's own forward pass, so the conditional path stays bit-identical.
+The head is a separate module fed with features captured from the model's own forward pass. In
+distill mode (and gist with lora_rank 0) the backbone is never changed, so the conditional path stays
+bit-identical. In gist mode with lora_rank > 0 the conditional output is trained too, as in seed 003:
+a LoRA on the whole diffusion model (SupercondTrainLoRA's layers and kohya names) learns jointly with
+the head, is saved as a kohya file under ``loras`` and applied to the output MODEL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -19,7 +23,7 @@ from comfy_api.v0_0_2 import io, ui
 from ..core import head_objective as ho
 from ..core import heads as core_heads
 from ..core.head_train import HeadTrainConfig, HeadTrainer, TrajectoryPool, merged_state
-from ..core.lora import LoRANetwork, save_atomic, torch_save_atomic
+from ..core.lora import LoRANetwork, kohya_metadata, save_atomic, torch_save_atomic
 from ..core.perturb import seeded_generator
 from ..core.train import batch_cond
 from . import singlepass_hook as hook
@@ -34,6 +38,7 @@ _MAX_SEED = 0xFFFFFFFFFFFFFFFF
 BATCH = 4           # samples per step (chains in the trajectory pool when no LATENT sets it)
 TRAJ_STEPS = 10     # Euler steps of one teacher trajectory, from pure noise down to the last sigma
 TRAJ_LATENT = 32    # latent side of the trajectories when no LATENT sets it (256 px on 8x VAEs)
+_HEAD_LORA_SEED, _MODEL_LORA_SEED = 0x4EAD, 0xBA5E  # streams of the LoRA inits (head's, model's)
 
 
 class HeadInputError(ValueError):
@@ -54,33 +59,37 @@ def conditioning_rows(value: Any, name: str) -> tuple[list[dict], dict | None]:
         raise HeadInputError(f"{name}: {e}") from None
 
 
-def _take(obj: Any, rows: int | None, total: int) -> Any:
-    """Features for the head: batch rows [:rows] of every tensor with ``total`` rows, detached, floats
-    as float32 (the head trains in float32 whatever the model's dtype)."""
+def _take(obj: Any, rows: int | None, total: int, detach: bool = True) -> Any:
+    """Features for the head: batch rows [:rows] of every tensor with ``total`` rows, floats as float32
+    (the head trains in float32 whatever the model's dtype); detached unless the backbone trains too."""
     if isinstance(obj, torch.Tensor):
         if rows is not None and obj.dim() > 0 and obj.shape[0] == total:
             obj = obj[:rows]
-        obj = obj.detach()
+        if detach:
+            obj = obj.detach()
         return obj.float() if obj.is_floating_point() else obj
     if isinstance(obj, tuple):
-        return tuple(_take(o, rows, total) for o in obj)
+        return tuple(_take(o, rows, total, detach) for o in obj)
     if isinstance(obj, list):
-        return [_take(o, rows, total) for o in obj]
+        return [_take(o, rows, total, detach) for o in obj]
     if isinstance(obj, dict):
-        return {k: _take(v, rows, total) for k, v in obj.items()}
+        return {k: _take(v, rows, total, detach) for k, v in obj.items()}
     return obj
 
 
 class Teacher:
-    """The frozen model through its ``apply_model`` (patches and transformer_options included), with the
-    head's capture points hooked for the one call (the hooks never outlive it)."""
+    """The model through its ``apply_model`` (patches and transformer_options included), with the
+    head's capture points hooked for the one call (the hooks never outlive it). ``trains_backbone``:
+    the features keep their graph, so the head's loss reaches a LoRA on the model (gist)."""
 
-    def __init__(self, mp: Any, device: torch.device, head_type: str, positive: list[dict], negative: dict | None):
+    def __init__(self, mp: Any, device: torch.device, head_type: str, positive: list[dict], negative: dict | None,
+                 trains_backbone: bool = False):
         self.denoise = tm.denoiser(mp, device)
         self.net = mp.model.diffusion_model
         self.arch = hook.arch_of(self.net)
         self.head_type = head_type
         self.positive, self.negative = positive, negative
+        self.trains_backbone = trains_backbone
 
     def _call(self, x: torch.Tensor, sigma: torch.Tensor, rows: list[dict]) -> tuple[torch.Tensor, hook.Capture]:
         cap = hook.Capture()
@@ -97,8 +106,8 @@ class Teacher:
                 h.remove()
         return x0, cap
 
-    def features(self, cap: hook.Capture, rows: int, total: int) -> hook.Capture:
-        return hook.Capture(*(_take(getattr(cap, f), rows, total) for f in
+    def features(self, cap: hook.Capture, rows: int | None, total: int) -> hook.Capture:
+        return hook.Capture(*(_take(getattr(cap, f), rows, total, not self.trains_backbone) for f in
                               ("net_args", "net_kwargs", "final_args", "final_kwargs", "block_args", "block_kwargs")))
 
     def teach(self, x: torch.Tensor, sigma: torch.Tensor, prompt: torch.Tensor):
@@ -168,8 +177,9 @@ class SupercondTrainHead(io.ComfyNode):
             description=("Trains the second (unconditional) head that SupercondSinglePass uses, so CFG costs one "
                          "model call per step. distill: the frozen model teaches the head its prediction for the "
                          "negative (empty) prompt on its own CFG trajectories, no images needed. gist: seed 003's "
-                         "rolled captions on a LATENT dataset. The model itself is never changed. Saves head files "
-                         f"under models/{FOLDER} (load them later with SupercondLoadHead)."),
+                         "rolled captions on a LATENT dataset. distill never changes the model; gist with lora_rank "
+                         "> 0 trains a LoRA on it too (saved under models/loras). Saves head files under "
+                         f"models/{FOLDER} (load them later with SupercondLoadHead)."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to give a head. If it already carries one (New/Load Head), "
                                                 "training continues from that head."),
@@ -177,9 +187,12 @@ class SupercondTrainHead(io.ComfyNode):
                                       "Conditioning Combine, or one per latent for gist)."),
                 io.Combo.Input("mode", options=["distill", "gist"], default="distill",
                                tooltip="distill: learn the frozen model's prediction for `negative` from the same "
-                                       "pass's features (any checkpoint, no images). gist: ~10% of samples get another "
-                                       "sample's caption and teach the head; needs a LATENT with captions. The "
-                                       "backbone stays frozen here, so the gist's conditional term trains nothing."),
+                                       "pass's features (any checkpoint, no images; the model is not changed). "
+                                       "gist (seed 003): needs a LATENT with one caption per latent; ~10% of samples "
+                                       "get another sample's caption and teach the head, the others teach the "
+                                       "model's own (conditional) output. That part needs lora_rank > 0 (a LoRA on "
+                                       "the model); with lora_rank 0 the model stays frozen and only the head "
+                                       "learns."),
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="distill: the prompt whose prediction the head learns, normally an EMPTY "
                                               "prompt (CLIPTextEncode of ''). Not connected: the empty prompt "
@@ -190,15 +203,20 @@ class SupercondTrainHead(io.ComfyNode):
                                         f"trajectories; not connected: trajectories at {TRAJ_LATENT * 8} px. "
                                         "gist: required, one caption per latent."),
                 _i("steps", 300, 1, 1_000_000, "Total optimizer steps (with resume: the total to reach)."),
-                _f("learning_rate", 1e-4, 1e-8, 1.0, 1e-6, "AdamW learning rate of the head (or its LoRA), decayed to 0 "
-                   "by steps (cosine). The head starts at the model's own weights: 1e-4 suits projection and "
-                   "LoRAs; last_block with lora_rank 0 wants ~1e-6."),
+                _f("learning_rate", 1e-4, 1e-8, 1.0, 1e-6, "AdamW learning rate of the head (or its LoRA) and, in "
+                   "gist with lora_rank > 0, of the model's LoRA; decayed to 0 by steps (cosine). The head starts "
+                   "at the model's own weights: 1e-4 suits projection and LoRAs; last_block with lora_rank 0 wants "
+                   "~1e-6."),
                 io.Combo.Input("head", options=list(core_heads.HEAD_TYPES), default="projection",
                                tooltip="projection: a copy of the final projection (tiny, ~free). last_block: a "
                                        "copy of the last block and the projection (stronger, costs one block per "
                                        "step). Must match the head the MODEL already carries, if any."),
-                _i("lora_rank", 0, 0, 256, "0: train the head's weights directly. >0: train a LoRA of this rank "
-                   "inside the head's copy only, merged into the head when saved (same file format)."),
+                _i("lora_rank", 0, 0, 256, "distill: 0 trains the head's weights directly; >0 trains a LoRA of this "
+                   "rank inside the head's copy only, merged into the head when saved (same file format); the "
+                   "model's own output stays bit-identical. gist: 0 keeps the model frozen (head only); >0 also "
+                   "trains a LoRA of this rank (alpha = rank) on the whole model, jointly with the head, saved as "
+                   "models/loras/<prefix>_<step>.safetensors: to use it later, load it with the stock LoraLoader, "
+                   "then SupercondLoadHead the head."),
                 _f("cfg_min", 3.0, 1.0, 100.0, 0.1, "Lowest guidance scale the head is trained for: the loss "
                    "weights errors by (s-1)^2 for s drawn in [cfg_min, cfg_max]."),
                 _f("cfg_max", 9.0, 1.0, 100.0, 0.1, "Highest guidance scale the head is trained for (>= cfg_min)."),
@@ -206,16 +224,19 @@ class SupercondTrainHead(io.ComfyNode):
                              tooltip="Seed of every random draw; same seed and inputs, same head."),
                 _i("save_every", 0, 0, 1_000_000, "Save a checkpoint every N steps (0: only at the end)."),
                 io.String.Input("filename_prefix", default="supercond/head",
-                                tooltip=f"Files go to models/{FOLDER}/<prefix>_<step>.safetensors (+ .state.pt "
-                                        "for resume)."),
+                                tooltip=f"Head files go to models/{FOLDER}/<prefix>_<step>.safetensors (+ "
+                                        ".state.pt for resume); gist with lora_rank > 0 also writes the model's LoRA "
+                                        "to models/loras/<prefix>_<step>.safetensors."),
                 io.Boolean.Input("resume", default=False,
                                  tooltip="Continue from the last checkpoint of this prefix, optimizer state "
                                          "included, up to steps."),
             ],
             outputs=[
-                io.Model.Output(display_name="MODEL", tooltip="The model with the trained head attached: connect "
-                                "it to SupercondSinglePass."),
-                io.String.Output(display_name="head_path", tooltip="The saved head file."),
+                io.Model.Output(display_name="MODEL", tooltip="The model with the trained head attached (in gist "
+                                "with lora_rank > 0 also with the trained LoRA, as LoraLoader applies it): "
+                                "connect it to SupercondSinglePass."),
+                io.String.Output(display_name="head_path", tooltip="The saved head file (the log names a gist "
+                                 "LoRA's file)."),
                 io.Image.Output(display_name="loss_plot", tooltip="Loss per step."),
             ],
             hidden=[io.Hidden.unique_id],
@@ -246,13 +267,24 @@ class SupercondTrainHead(io.ComfyNode):
             raise HeadInputError(f"lora_rank must be >= 0, got {lora_rank}")
         stem = train_run.prefix_path(folder_paths.get_folder_paths(FOLDER)[0], filename_prefix, FOLDER)
         train_run.check_writable(stem.parent, "head files")
-        path, losses, sd = train(model, positive, negative, latent, cfg, head, lora_rank, stem, save_every,
-                                 resume, node_id)
+        lora_stem = None
+        if mode == "gist" and lora_rank > 0:  # the model's LoRA goes where LoraLoader finds it
+            lora_stem = train_run.prefix_path(folder_paths.get_folder_paths("loras")[0], filename_prefix, "loras")
+            train_run.check_writable(lora_stem.parent, "LoRA files")
+        path, losses, sd, lora = train(model, positive, negative, latent, cfg, head, lora_rank, stem, save_every,
+                                       resume, node_id, lora_stem)
         final = hook.new_head(model, head)
         core_heads.load_state(final, sd, where=Path(path).name)
+        trained = model
+        if lora is not None:
+            import comfy.sd
+
+            trained, _ = comfy.sd.load_lora_for_models(model, None, lora[1], 1.0, 0.0)
+            log.info("supercond: the model's gist LoRA is %s: load it with LoraLoader before SupercondLoadHead "
+                     "(head %s)", lora[0], path)
         plot = line_plot([(f"{mode} loss", range(1, len(losses) + 1), losses)], "head training loss", "step",
                          "loss", logy=True)
-        return io.NodeOutput(hook.attach_head(model, final), str(path), plot, ui=ui.PreviewImage(plot, cls=cls))
+        return io.NodeOutput(hook.attach_head(trained, final), str(path), plot, ui=ui.PreviewImage(plot, cls=cls))
 
 
 def model_space(mp: Any, samples: torch.Tensor) -> torch.Tensor:
@@ -283,11 +315,21 @@ def _pool_or_latents(mp: Any, latent: dict | None, n_prompts: int, cfg: HeadTrai
     return TrajectoryPool(sigmas, n, shape, start, n_prompts, cfg.cfg_min, cfg.cfg_max, cfg.seed, device), None
 
 
+_Saved = tuple[Path, dict[str, torch.Tensor], tuple[Path, dict[str, torch.Tensor]] | None]  # head, its tensors, LoRA
+
+
 def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: HeadTrainConfig, head_type: str,
-          lora_rank: int, stem: Path, save_every: int, resume: bool, node_id: str | None = None
-          ) -> tuple[Path, list[float], dict[str, torch.Tensor]]:
-    """The training run; returns (saved head file, losses, the saved head tensors)."""
+          lora_rank: int, stem: Path, save_every: int, resume: bool, node_id: str | None = None,
+          lora_stem: Path | None = None
+          ) -> tuple[Path, list[float], dict[str, torch.Tensor], tuple[Path, dict[str, torch.Tensor]] | None]:
+    """The training run; returns (saved head file, losses, the saved head tensors, and in gist mode with
+    lora_rank > 0 (saved kohya LoRA file of the model, its tensors), else None). ``lora_stem`` is where
+    that LoRA goes (required then)."""
     import comfy.model_management as mm
+
+    model_lora = cfg.mode == "gist" and lora_rank > 0
+    if model_lora and lora_stem is None:
+        raise HeadInputError("gist mode with lora_rank > 0 saves a LoRA of the model: give it a place (lora_stem)")
 
     pos_rows, empty = conditioning_rows(positive, "positive")
     neg_row = None
@@ -313,20 +355,25 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
         mm.load_models_gpu([mp], force_full_load=True)
         device = mp.load_device
         ms = mp.get_model_object("model_sampling")
-        teacher = Teacher(mp, device, head_type, pos_rows, neg_row)
-        net = hook.new_head(mp, head_type)
+        teacher = Teacher(mp, device, head_type, pos_rows, neg_row, trains_backbone=model_lora)
+        net = hook.new_head(mp, head_type)  # before any LoRA hook exists: the copy must not carry one
         tm.materialize_weights(net)  # normal (not inference) tensors that autograd can use
         core_heads.load_state(net, core_heads.head_state(start))
         net = net.float().to(device)
-        lora = None
-        if lora_rank > 0:
+        lora = backbone = None
+        if lora_rank > 0 and not model_lora:  # distill: the LoRA lives inside the head's copy only
             layers = {k: m for k, m in net.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
-            lora = LoRANetwork(layers, lora_rank, float(lora_rank), seeded_generator(cfg.seed, 0x4EAD), device)
+            lora = LoRANetwork(layers, lora_rank, float(lora_rank), seeded_generator(cfg.seed, _HEAD_LORA_SEED),
+                               device)
             params = list(lora.parameters())
         else:
             params = list(net.parameters())
             for p in params:
                 p.requires_grad_(True)
+        if model_lora:  # gist: the cond output trains through a LoRA on SupercondTrainLoRA's layers
+            tm.materialize_weights(mp.model.diffusion_model)
+            backbone = LoRANetwork(tm.target_layers(mp), lora_rank, float(lora_rank),
+                                   seeded_generator(cfg.seed, _MODEL_LORA_SEED), device)
         pool, latents = (None, None)
         if cfg.mode == "distill":
             pool, latents = _pool_or_latents(mp, latent, len(pos_rows), cfg, device)
@@ -334,36 +381,47 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
             latents = model_space(mp, latent["samples"])
         trainer = HeadTrainer(cfg, params, head_denoiser(net, teacher, ms), ms.sigmas, teach=teacher.teach,
                               forward=teacher.forward, latents=latents, captions=captions, n_prompts=len(pos_rows),
-                              pool=pool, device=device)
-        if cfg.mode == "gist":
-            log.info("supercond: gist mode with a frozen backbone: only the head learns (from the ~%d%% rolled "
-                     "samples); the conditional term is in the loss but trains nothing", round(ho.GIST_FRACTION * 100))
+                              pool=pool, backbone=[] if backbone is None else list(backbone.parameters()),
+                              device=device)
+        if cfg.mode == "gist" and backbone is None:
+            log.info("supercond: gist mode with lora_rank 0: the model stays frozen and only the head learns (from "
+                     "the ~%d%% rolled samples); the conditional term is in the loss but trains nothing",
+                     round(ho.GIST_FRACTION * 100))
+        elif backbone is not None:
+            log.info("supercond: gist mode with lora_rank %d: a LoRA on %d layers of the model learns the "
+                     "conditional output with the head", lora_rank, len(backbone.layers))
         if resume:
             _resume(mp, trainer, stem)
         spec = net.spec
-        meta = {**spec.to_metadata(), "supercond_training": json.dumps(
-            {**cfg.as_dict(), "head": head_type, "lora_rank": lora_rank}, sort_keys=True)}
+        training = {**cfg.as_dict(), "head": head_type, "lora_rank": lora_rank}
+        meta = {**spec.to_metadata(), "supercond_training": json.dumps(training, sort_keys=True)}
+        base_name = tm.base_model_name(mp)
 
-        def save() -> tuple[Path, dict]:
+        def save() -> _Saved:
+            saved_lora = None
+            if backbone is not None:  # first: a .state.pt (written last) means every file of its step exists
+                ksd = backbone.kohya_state_dict(torch.float16)
+                lf = tm.checkpoint_file(lora_stem, trainer.step)
+                save_atomic(lf, ksd, kohya_metadata(lora_rank, float(lora_rank), trainer.step, training, base_name)
+                            | {"ss_training_comment": "trained with Supercond SupercondTrainHead (gist, with its "
+                                                      "single-pass head)"})
+                saved_lora = (lf, ksd)
             sd = merged_state(net, lora) if lora is not None else core_heads.head_state(net)
             f = tm.checkpoint_file(stem, trainer.step)
             save_atomic(f, sd, meta | {"supercond_step": str(trainer.step)})
             torch_save_atomic(tm.state_file(f), trainer.state_dict())
-            return f, sd
+            return f, sd, saved_lora
 
         def step() -> float:
             mm.throw_exception_if_processing_interrupted()
             return trainer.train_step()
 
         net.train()
-        if lora is not None:
-            with lora.attached():
-                last = train_run.run_steps(step, lambda: trainer.step, cfg.steps, save, save_every, node_id,
-                                           what="head training")
-        else:
+        hooked = lora if lora is not None else backbone  # at most one of them exists
+        with hooked.attached() if hooked is not None else contextlib.nullcontext():
             last = train_run.run_steps(step, lambda: trainer.step, cfg.steps, save, save_every, node_id,
                                        what="head training")
-        return last[0], trainer.losses, last[1]
+        return last[0], trainer.losses, last[1], last[2]
 
 
 def _resume(mp: Any, trainer: HeadTrainer, stem: Path) -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from supercond.core import head_objective as ho
+from supercond.core import head_train as ht
 from supercond.core.head_train import (
     HeadTrainConfig,
     HeadTrainer,
@@ -196,3 +197,115 @@ def test_distill_weight_is_half_flat_and_normalised():
     assert 1 < float(hi / lo) <= (64 + gap) / gap
     # the range [1, 1] is the plain MSE
     assert float(ho.distill_loss(ones, torch.zeros_like(ones), torch.ones(len(s)), 1.0, 1.0)) == 1.0
+
+
+class GistToy:
+    """A 'model' for gist mode with a trainable backbone: features ``A x + caption`` (A stands for a LoRA on
+    the model), cond x0 ``features + b`` (b: a parameter only the cond output uses), head x0 ``H features``."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(4)
+        self.a = torch.nn.Parameter(torch.eye(2) + 0.1 * torch.randn(2, 2, generator=g))
+        self.b = torch.nn.Parameter(torch.zeros(1, 2, 1, 1))
+        self.h = torch.nn.Parameter(torch.eye(2) + 0.1 * torch.randn(2, 2, generator=g))
+        self.caption = torch.randn(4, 2, 1, 1, generator=g)
+
+    def forward(self, x, sigma, captions):
+        f = torch.einsum("oc,bchw->bohw", self.a, x) + self.caption[captions]
+        return f + self.b, f
+
+    def head(self, feats, x, sigma):
+        return torch.einsum("oc,bchw->bohw", self.h, feats)
+
+    def trainer(self, latents, seed, steps=1, max_grad_norm=0.0):
+        cfg = HeadTrainConfig("gist", steps, 1e-2, 3.0, 9.0, seed, 4, "eps", max_grad_norm)
+        return HeadTrainer(cfg, [self.h], self.head, torch.tensor([0.5, 1.0, 2.0]), forward=self.forward,
+                           latents=latents, captions=torch.arange(4), backbone=[self.a, self.b])
+
+
+def gist_step0(seed):
+    idx = epoch_indices(4, 4, 0, seed)
+    _, rolled = ho.roll_captions(4, ho.GIST_FRACTION, seeded_generator(seed, ht._DRAW, 0))
+    return idx, rolled
+
+
+def gist_grads(latents, seed, max_grad_norm=0.0):
+    toy = GistToy()
+    toy.trainer(latents, seed, max_grad_norm=max_grad_norm).train_step()
+    return {"a": toy.a.grad.clone(), "b": toy.b.grad.clone(), "h": toy.h.grad.clone()}
+
+
+LATENTS = torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(6))
+SEED_ROLLED = next(s for s in range(200) if gist_step0(s)[1].any())
+SEED_NONE = next(s for s in range(200) if not gist_step0(s)[1].any())
+
+
+def test_gist_with_a_backbone_cond_term_sees_only_non_rolled_samples_and_the_head_only_rolled_ones():
+    """Exact on constructed batches: the parameter only the cond output uses (b) has the same gradient
+    whatever a rolled sample's image is; the head's gradient the same whatever the non-rolled ones are;
+    the backbone's features reach the head's loss (A moves with a rolled sample's image)."""
+    idx, rolled = gist_step0(SEED_ROLLED)
+    assert rolled.any() and (~rolled).any()
+    base = gist_grads(LATENTS, SEED_ROLLED)
+    assert all(float(v.abs().sum()) > 0 for v in base.values())
+    other = torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(7))
+    moved_rolled, moved_others = LATENTS.clone(), LATENTS.clone()
+    moved_rolled[idx[rolled]] = other[idx[rolled]]
+    moved_others[idx[~rolled]] = other[idx[~rolled]]
+    r, o = gist_grads(moved_rolled, SEED_ROLLED), gist_grads(moved_others, SEED_ROLLED)
+    assert torch.equal(r["b"], base["b"]), "a rolled sample reached the conditional term"
+    assert not torch.equal(r["h"], base["h"]) and not torch.equal(r["a"], base["a"])
+    assert torch.equal(o["h"], base["h"]), "a non-rolled sample reached the head"
+    assert not torch.equal(o["b"], base["b"]) and not torch.equal(o["a"], base["a"])
+
+
+def test_gist_with_a_backbone_clips_the_head_on_its_own():
+    """Clipping is per group: with it biting, the head's step still depends on the rolled samples only."""
+    idx, rolled = gist_step0(SEED_ROLLED)
+    moved = LATENTS.clone()
+    moved[idx[~rolled]] *= 5.0
+    base, o = gist_grads(LATENTS, SEED_ROLLED, 1e-3), gist_grads(moved, SEED_ROLLED, 1e-3)
+    assert float(base["h"].norm()) == pytest.approx(1e-3, rel=1e-3)  # clipped
+    assert torch.equal(o["h"], base["h"])
+
+
+def test_gist_with_a_backbone_and_no_rolled_sample_moves_only_the_backbone():
+    toy = GistToy()
+    h0, a0, b0 = toy.h.detach().clone(), toy.a.detach().clone(), toy.b.detach().clone()
+    toy.trainer(LATENTS, SEED_NONE).train_step()
+    assert torch.equal(toy.h, h0)
+    assert not torch.equal(toy.a, a0) and not torch.equal(toy.b, b0)
+
+
+def test_gist_with_a_backbone_resumes_exactly_and_refuses_a_state_without_it():
+    def run(resume_at=None):
+        toy = GistToy()
+        tr = toy.trainer(LATENTS, SEED_ROLLED, steps=6, max_grad_norm=1.0)
+        while tr.step < 6:
+            tr.train_step()
+            if tr.step == resume_at:
+                state = tr.state_dict()
+                assert len(state["backbone"]) == 2 and len(state["optimizer"]["param_groups"]) == 2
+                toy = GistToy()
+                tr = toy.trainer(LATENTS, SEED_ROLLED, steps=6, max_grad_norm=1.0)
+                tr.load_state_dict(state)
+        return toy, tr
+
+    (t1, r1), (t2, r2) = run(), run(resume_at=3)
+    assert r1.losses == r2.losses
+    assert all(torch.equal(getattr(t1, k), getattr(t2, k)) for k in "abh")
+    toy = GistToy()
+    head_only = HeadTrainer(HeadTrainConfig("gist", 6, 1e-2, 3.0, 9.0, 0, 4, "eps"), [toy.h], toy.head,
+                            torch.tensor([1.0]), forward=toy.forward, latents=LATENTS, captions=torch.arange(4))
+    with pytest.raises(ho.HeadTrainError, match="does not fit this run's LoRA of the model"):
+        GistToy().trainer(LATENTS, 0).load_state_dict(head_only.state_dict())
+
+
+def test_only_gist_trains_the_backbone():
+    toy = Toy()
+    cfg = HeadTrainConfig("distill", 3, 1e-2, 3.0, 9.0, 0, 2, "eps")
+    p = TrajectoryPool(SIGMAS, 2, (2, 3, 3), lambda z: z * 8.0, 1, 3.0, 9.0, 0)
+    head = toy.head()
+    with pytest.raises(ho.HeadTrainError, match="only gist mode trains the model itself"):
+        HeadTrainer(cfg, list(head.parameters()), lambda f, x, s: head(f), torch.tensor([1.0]), teach=toy.teach,
+                    pool=p, backbone=[torch.nn.Parameter(torch.zeros(1))])

@@ -427,3 +427,142 @@ def _train_on(model, pos, neg):
 
     return SupercondTrainHead.execute(model, pos, "distill", 1, 1e-8, "last_block", 0, 3.0, 9.0, 0, 0, "s/head", False,
                                       negative=neg, latent=empty_latent()).result[1]
+
+
+# -- gist with a LoRA on the model: seed 003 in full ------------------------------------------------
+RANK = 4
+
+
+@pytest.fixture(scope="module")
+def loras_dir(comfy, tmp_path_factory):
+    """A private loras folder for this module (restored afterwards)."""
+    d = tmp_path_factory.mktemp("loras")
+    saved = comfy.folder_names_and_paths.get("loras")
+    comfy.folder_names_and_paths["loras"] = ([str(d)], set(comfy.supported_pt_extensions))
+    yield d
+    if saved is not None:
+        comfy.folder_names_and_paths["loras"] = saved
+
+
+def gist_lora(fam, conds, latents, seed, prefix, steps=1, **kw):
+    """(output MODEL, head path, saved head tensors, saved LoRA tensors) of a gist run with a LoRA on the model."""
+    import comfy.utils
+    import folder_paths
+
+    model, path, _ = train(fam, conds, latent={"samples": latents}, mode="gist", lora_rank=RANK, steps=steps,
+                           seed=seed, filename_prefix=prefix, **kw).result
+    lora = f"{folder_paths.get_folder_paths('loras')[0]}/{prefix}_{steps:06d}.safetensors"
+    return model, path, comfy.utils.load_torch_file(path), comfy.utils.load_torch_file(lora)
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gist_with_a_model_lora_trains_the_cond_output_on_non_rolled_samples_and_the_head_on_rolled_ones(
+        fam, prompts, gist_data, heads_dir, loras_dir):
+    """One step each, exact: with no rolled sample the model's LoRA learns (the cond output moves) and the head
+    stays bit-identical; with a rolled sample the head learns, from the rolled samples only (other images for
+    the non-rolled ones: the same head, another LoRA), and a rolled sample's image changes both."""
+    from supercond.core.heads import head_state
+    from supercond.nodes import singlepass_hook as hook
+    from supercond.nodes import train_model as tm
+
+    latents, conds = gist_data
+    pos, neg = prompts
+    seeds = {bool(rolled_at_step0(s)[1].any()): s for s in range(200)}
+    fresh = {k: v.float() for k, v in head_state(hook.new_head(fam.model, "projection")).items()}
+
+    model, _, head, lora = gist_lora(fam, conds, latents, seeds[False], "gl/none")
+    assert same(head, fresh), "the head moved without a rolled sample"
+    assert {k.split(".")[0] for k in lora} == set(tm.target_layers(fam.model))  # SupercondTrainLoRA's layers
+    assert max(float(v.abs().max()) for k, v in lora.items() if k.endswith("lora_up.weight")) > 0
+    x = torch.randn(1, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(11)) * 2.0
+    assert not torch.equal(guided_x0(model, x, 2.0, pos, neg, 1.0), guided_x0(fam.model, x, 2.0, pos, neg, 1.0))
+
+    seed = seeds[True]
+    idx, rolled = rolled_at_step0(seed)
+    _, _, base_head, base_lora = gist_lora(fam, conds, latents, seed, "gl/base")
+    assert not same(base_head, fresh)
+    others = latents.clone()
+    others[idx[~rolled]] = torch.randn(int((~rolled).sum()), 4, SIZE, SIZE, generator=torch.Generator().manual_seed(9))
+    _, _, o_head, o_lora = gist_lora(fam, conds, others, seed, "gl/others")
+    assert same(o_head, base_head), "non-rolled samples reached the head"
+    assert not same(o_lora, base_lora), "non-rolled samples did not train the model's LoRA"
+    moved = latents.clone()
+    moved[idx[rolled]] = -moved[idx[rolled]]
+    _, _, m_head, m_lora = gist_lora(fam, conds, moved, seed, "gl/rolled")
+    assert not same(m_head, base_head)
+    # A rolled sample's cond output is not supervised: only the head's loss, through features that keep their
+    # graph, brings it to the model's LoRA (detached features would leave this LoRA bit-identical).
+    assert not same(m_lora, base_lora), "the head's loss did not reach the model's LoRA"
+
+
+def test_gist_lora_loads_with_lora_loader_and_load_head_and_reproduces_the_output_model(
+        fam, prompts, gist_data, heads_dir, loras_dir):
+    """The LoRA is saved in fp16 and the output MODEL is built from those same fp16 tensors, so the stock
+    LoraLoader + SupercondLoadHead give the same guided prediction bit for bit (no tolerance)."""
+    from pathlib import Path
+
+    import nodes
+    from safetensors import safe_open
+
+    from supercond.nodes.singlepass import SupercondLoadHead
+
+    latents, conds = gist_data
+    pos, neg = prompts
+    model, path, _, lora = gist_lora(fam, conds, latents, 1, "gs/gist", steps=2, learning_rate=1e-3)
+    head_name = Path(path).relative_to(heads_dir).as_posix()
+    assert head_name == "gs/gist_000002.safetensors" and (heads_dir / "gs" / "gist_000002.state.pt").exists()
+    lora_file = loras_dir / "gs" / "gist_000002.safetensors"
+    assert all(v.dtype == torch.float16 for v in lora.values())
+    with safe_open(lora_file, "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == str(RANK) and float(meta["ss_network_alpha"]) == RANK
+    assert not list(loras_dir.rglob(".tmp_*")) and not list(heads_dir.rglob(".tmp_*"))
+    loaded = nodes.LoraLoader().load_lora(fam.model, fam.clip, "gs/gist_000002.safetensors", 1.0, 0.0)[0]
+    loaded = SupercondLoadHead.execute(loaded, head_name).result[0]
+    x = torch.randn(2, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(12)) * 4.0
+    for sigma in (8.0, 1.0):
+        a = guided_x0(single_pass(model), x, sigma, pos, neg, 7.0)
+        b = guided_x0(single_pass(loaded), x, sigma, pos, neg, 7.0)
+        assert torch.equal(a, b)
+        assert not torch.equal(a, guided_x0(fam.model, x, sigma, pos, neg, 7.0))
+
+
+def test_gist_lora_resume_continues_exactly_where_a_straight_run_would_be(fam, gist_data, heads_dir, loras_dir,
+                                                                          monkeypatch):
+    """4 steps == 2 steps (cancelled), then resume to 4: the same head and the same LoRA of the model, bit for
+    bit (deterministic CPU run; the model's LoRA and its optimizer state travel in the head's .state.pt)."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    latents, conds = gist_data
+    _, _, head, lora = gist_lora(fam, conds, latents, 1, "gr/straight", steps=4, learning_rate=1e-3)
+
+    def interrupt(value, total, preview, node_id=None):
+        if value >= 2:
+            raise mm.InterruptProcessingException()
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", interrupt)
+    with pytest.raises(mm.InterruptProcessingException):
+        gist_lora(fam, conds, latents, 1, "gr/resumed", steps=4, learning_rate=1e-3)
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
+    assert (loras_dir / "gr" / "resumed_000002.safetensors").exists()
+    _, path, r_head, r_lora = gist_lora(fam, conds, latents, 1, "gr/resumed", steps=4, learning_rate=1e-3,
+                                       resume=True)
+    assert path.endswith("resumed_000004.safetensors")
+    assert same(head, r_head) and same(lora, r_lora)
+    with pytest.raises(ValueError, match="does not fit this run's LoRA of the model"):  # a head-only state
+        train(fam, conds, latent={"samples": latents}, mode="gist", lora_rank=0, steps=6, seed=1,
+              filename_prefix="gr/resumed", resume=True)
+
+
+def test_gist_with_lora_rank_0_keeps_the_model_frozen(fam, prompts, gist_data, heads_dir, loras_dir):
+    latents, conds = gist_data
+    pos, neg = prompts
+    model = train(fam, conds, latent={"samples": latents}, mode="gist", steps=1, seed=1,
+                  filename_prefix="g0/head").result[0]
+    assert not (loras_dir / "g0").exists()
+    x = torch.randn(1, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(13)) * 3.0
+    assert torch.equal(guided_x0(model, x, 3.0, pos, neg, 6.0), guided_x0(fam.model, x, 3.0, pos, neg, 6.0))
