@@ -6,7 +6,8 @@ backward of the same UNet, side by side in one process (same model, latents, ran
 Each trainer's fixed costs (weight copies, LoRA set-up, file writes, the loss plot) would blur a
 short run, so a step's cost is the difference of a 2n-step and an n-step run, divided by n; the
 runs are interleaved across trainers and repeated, and the median is reported. Peak memory is the
-CUDA peak on a GPU, else the process's peak RSS above its level before the 2n-step run (sampled).
+CUDA peak on a GPU, else the process's peak RSS above its level before the 2n-step run (sampled),
+the model already loaded: weight copies, LoRA, activations, gradients and optimizer state.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from _common import PeakRSS, header, import_pack, setup_logging
@@ -25,18 +27,18 @@ log = logging.getLogger("supercond.bench")
 CKPT = "supercond_sd15_tiny.safetensors"
 
 
-def measure(fn: Callable[[int], None], steps: int) -> tuple[float, float]:
-    """(seconds for `steps` steps, peak MiB above the start) of one run."""
+def measure(fn: Callable[[Any, int], None], model: Any, steps: int) -> tuple[float, float]:
+    """(seconds for `steps` steps, peak MiB above the start) of one run on an already loaded model."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         t = time.perf_counter()
-        fn(steps)
+        fn(model, steps)
         torch.cuda.synchronize()
         return time.perf_counter() - t, (torch.cuda.max_memory_allocated() - base) / 2**20
     with PeakRSS() as peak:
         t = time.perf_counter()
-        fn(steps)
+        fn(model, steps)
         dt = time.perf_counter() - t
     return dt, peak.peak_mb
 
@@ -74,18 +76,18 @@ def main() -> None:
     def fresh():  # every run trains a freshly loaded model, so no run sees another's patches
         return nodes.CheckpointLoaderSimple().load_checkpoint(CKPT)[0]
 
-    def ours(steps: int) -> None:
-        SupercondTrainLoRA.execute(fresh(), lat, cond, steps, 1e-4, args.rank, float(args.rank), 1, 1, "auto",
+    def ours(model, steps: int) -> None:
+        SupercondTrainLoRA.execute(model, lat, cond, steps, 1e-4, args.rank, float(args.rank), 1, 1, "auto",
                                    "none", 5.0, 0.0, "uniform", 0.0, 0.0, 0, 0.0, 0, False, "constant", 0, 1.0,
                                    0, f"bench/s{steps}_{time.time_ns()}", False)
 
-    def comfy_node(steps: int) -> None:
-        TrainLoraNode().train(fresh(), lat, cond, 1, 1, steps, 1e-4, args.rank, "AdamW", "MSE", 0, "fp32", "fp32",
+    def comfy_node(model, steps: int) -> None:
+        TrainLoraNode().train(model, lat, cond, 1, 1, steps, 1e-4, args.rank, "AdamW", "MSE", 0, "fp32", "fp32",
                               "LoRA", False, "[None]")
 
-    def bare(steps: int) -> None:
+    def bare(model, steps: int) -> None:
         with torch.inference_mode(False), torch.enable_grad():
-            mp = fresh().clone()
+            mp = model.clone()
             mm.load_models_gpu([mp], force_full_load=True)
             dev = mp.load_device
             tm.materialize_weights(mp.model.diffusion_model)
@@ -103,11 +105,11 @@ def main() -> None:
     n = args.steps
     with torch.inference_mode():  # as ComfyUI runs nodes
         for fn in trainers.values():
-            fn(1)  # warm-up: first loads, allocator, thread pools
+            fn(fresh(), 1)  # warm-up: first loads, allocator, thread pools
         for rep in range(args.repeats):
             for name, fn in trainers.items():
-                t1, _ = measure(fn, n)
-                t2, mem = measure(fn, 2 * n)
+                t1, _ = measure(fn, fresh(), n)
+                t2, mem = measure(fn, fresh(), 2 * n)
                 per_step[name].append((t2 - t1) / n)
                 peak[name] = max(peak[name], mem)
                 log.info("repeat %d %-22s n=%d: %.2f s, 2n: %.2f s -> %.3f s/step", rep, name, n, t1, t2,
@@ -116,7 +118,7 @@ def main() -> None:
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                ours(2 * n)
+                ours(fresh(), 2 * n)
             log.info(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
     med = {k: statistics.median(v) for k, v in per_step.items()}
