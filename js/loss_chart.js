@@ -49,6 +49,7 @@ app.registerExtension({
       });
       widget.serialize = false; // keep it out of widgets_values too
       this.__scLoss = { canvas, points: [], total: 0, pending: false };
+      requestAnimationFrame(() => draw(this)); // the placeholder text until the first loss arrives
       return r;
     };
   },
