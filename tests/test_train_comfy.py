@@ -70,7 +70,8 @@ def test_trains_saves_and_loraloader_matches(name, fixture_checkpoints, loras):
 
 
 def eps_mse(fam, model, x0, seed=5):
-    """eps-MSE of a MODEL on fixed (sigma, noise) draws: the plain objective, for before/after."""
+    """eps-MSE of a MODEL on a fixed grid of 12 sigmas across the schedule, 2 noise draws each: the
+    plain objective, for before/after (a few random sigmas made the comparison flaky)."""
     import comfy.model_management as mm
 
     mm.load_models_gpu([model])
@@ -78,24 +79,25 @@ def eps_mse(fam, model, x0, seed=5):
 
     ctx = encode(fam, "a red cube")[0][0]
     g = torch.Generator().manual_seed(seed)
-    sig = model.get_model_object("model_sampling").sigmas
+    table = model.get_model_object("model_sampling").sigmas
     total = 0.0
     with torch.no_grad():
-        for _ in range(6):
-            s = sig[torch.randint(len(sig), (1,), generator=g)]
-            n = torch.randn(x0.shape, generator=g)
-            x = x0 + s * n
-            x0_hat = model.model.apply_model(x, s, c_crossattn=ctx)
-            total += float(((x - x0_hat) / s - n).pow(2).mean())
-    return total
+        for i in torch.linspace(0, len(table) - 1, 12).long().tolist():
+            s = table[i:i + 1]
+            for _ in range(2):
+                n = torch.randn(x0.shape, generator=g)
+                x = x0 + s * n
+                x0_hat = model.model.apply_model(x, s, c_crossattn=ctx)
+                total += float(((x - x0_hat) / s - n).pow(2).mean())
+    return total / 24
 
 
 def test_loss_falls_on_an_overfit_task(fixture_checkpoints, loras):
     fam = fam_of("eps", fixture_checkpoints)
     lat, cond = data(fam, n=1)
-    model = run(fam, lat, cond, steps=30, learning_rate=1e-2, rank=8, alpha=8.0).result[0]
+    model = run(fam, lat, cond, steps=30, learning_rate=3e-3, rank=8, alpha=8.0).result[0]
     x0 = fam.model.model.process_latent_in(lat["samples"])  # what the trainer sees (the sampler's scale)
-    assert eps_mse(fam, model, x0) < 0.9 * eps_mse(fam, fam.model, x0)
+    assert eps_mse(fam, model, x0) < 0.5 * eps_mse(fam, fam.model, x0)  # measured 0.20
 
 
 def test_cancel_keeps_a_loadable_checkpoint_and_resume_continues(fixture_checkpoints, loras, monkeypatch):
