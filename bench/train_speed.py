@@ -1,5 +1,7 @@
 """Seconds per training step: SupercondTrainLoRA vs ComfyUI's TrainLoraNode vs the bare forward +
 backward of the same UNet, side by side in one process (same model, latents, rank, batch, dtype).
+A fourth row, the bare forward + backward with the LoRA attached and no trainer around it, splits
+the gap into the LoRA's own compute and the trainer's overhead.
 
     python bench/train_speed.py [--steps 4] [--repeats 3] [--size 256] [--rank 8] [--profile]
 
@@ -18,6 +20,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -64,6 +67,7 @@ def main() -> None:
     import nodes
     from comfy_extras.nodes_train import TrainLoraNode
 
+    from supercond.core.lora import LoRANetwork
     from supercond.nodes import train_model as tm
     from supercond.nodes.train import SupercondTrainLoRA
 
@@ -85,7 +89,7 @@ def main() -> None:
         TrainLoraNode().train(model, lat, cond, 1, 1, steps, 1e-4, args.rank, "AdamW", "MSE", 0, "fp32", "fp32",
                               "LoRA", False, "[None]")
 
-    def bare(model, steps: int) -> None:
+    def bare_run(model, steps: int, with_lora: bool) -> None:
         with torch.inference_mode(False), torch.enable_grad():
             mp = model.clone()
             mm.load_models_gpu([mp], force_full_load=True)
@@ -93,13 +97,25 @@ def main() -> None:
             tm.materialize_weights(mp.model.diffusion_model)
             den = tm.denoiser(mp, dev)
             ctx = {"cross_attn": cond[0][0].to(dev)}
-            x = lat["samples"].to(dev, copy=True).requires_grad_(True)  # input grad: every layer backpropagates
+            x = lat["samples"].to(dev, copy=True)
             s = torch.tensor([1.0], device=dev)
-            for _ in range(steps):
-                den(x, s, ctx).pow(2).mean().backward()
-                x.grad = None
+            net = LoRANetwork(tm.target_layers(mp), args.rank, float(args.rank), torch.Generator().manual_seed(0), dev)
+            with net.attached() if with_lora else nullcontext():
+                if not with_lora:
+                    x.requires_grad_(True)  # input grad: every layer backpropagates
+                for _ in range(steps):
+                    den(x, s, ctx).pow(2).mean().backward()
+                    x.grad = None
+                    net.zero_grad(set_to_none=True)
 
-    trainers = {"ComfyUI TrainLoraNode": comfy_node, "bare forward+backward": bare, "SupercondTrainLoRA": ours}
+    def bare(model, steps: int) -> None:
+        bare_run(model, steps, with_lora=False)
+
+    def bare_lora(model, steps: int) -> None:  # the LoRA's own cost, without any trainer around it
+        bare_run(model, steps, with_lora=True)
+
+    trainers = {"ComfyUI TrainLoraNode": comfy_node, "bare forward+backward": bare,
+                "bare + LoRA fwd+bwd": bare_lora, "SupercondTrainLoRA": ours}
     per_step: dict[str, list[float]] = {k: [] for k in trainers}
     peak: dict[str, float] = dict.fromkeys(trainers, 0.0)
     n = args.steps
