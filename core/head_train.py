@@ -24,10 +24,10 @@ import torch
 from . import head_objective as ho
 from . import objective as obj
 from .perturb import seeded_generator
-from .train import NaNLoss
+from .train import NaNLoss, epoch_indices
 
 MODES: tuple[str, ...] = ("distill", "gist")
-_DRAW, _PERM, _POOL, _POOL_SCALE, _POOL_PROMPT = range(5)
+_DRAW, _POOL, _POOL_SCALE, _POOL_PROMPT = 0, 2, 3, 4  # stream 1: core.train.epoch_indices' permutations
 
 # (x, sigma, prompt index per sample) -> (cond x0, uncond x0, features of the positive rows)
 Teach = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, Any]]
@@ -137,17 +137,6 @@ class TrajectoryPool:
             setattr(self, name, state[name].clone())
 
 
-def epoch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
-    """Positions of step ``step``'s batch, running through seeded permutations (no repeat within an epoch)."""
-    pos = step * batch + torch.arange(batch)
-    epoch = pos.div(n, rounding_mode="floor")
-    out = torch.empty(batch, dtype=torch.long)
-    for e in epoch.unique().tolist():
-        perm = torch.randperm(n, generator=seeded_generator(seed, _PERM, e))
-        out[epoch == e] = perm[pos[epoch == e] % n]
-    return out
-
-
 class HeadTrainer:
     """One objective step at a time; ``params`` are what the optimizer trains in the head (the head, or
     a LoRA in it), ``backbone`` the model's own trainable parameters (gist only: a LoRA on the model).
@@ -215,7 +204,7 @@ class HeadTrainer:
             x, sigma, scale, prompt = self.pool.batch()
         else:
             n = len(self.latents)
-            idx = epoch_indices(n, cfg.batch_size, step, cfg.seed)
+            idx = epoch_indices(n, cfg.batch_size, step * cfg.batch_size, cfg.seed)
             x, sigma, _ = self._noised(idx, g)
             scale = ho.sample_scales(len(idx), cfg.cfg_min, cfg.cfg_max, g)
             prompt = idx if self.n_prompts == n else torch.randint(self.n_prompts, (len(idx),), generator=g)
@@ -233,7 +222,7 @@ class HeadTrainer:
     def gist_loss(self, step: int) -> torch.Tensor:
         cfg = self.cfg
         g = seeded_generator(cfg.seed, _DRAW, step)
-        idx = epoch_indices(len(self.latents), cfg.batch_size, step, cfg.seed)
+        idx = epoch_indices(len(self.latents), cfg.batch_size, step * cfg.batch_size, cfg.seed)
         source, rolled = ho.roll_captions(len(idx), ho.GIST_FRACTION, g)
         captions = self.captions[idx][source]  # a rolled sample takes the previous sample's caption
         x, sigma, target = self._noised(idx, g)

@@ -106,6 +106,19 @@ def batch_cond(conds: Sequence[Cond]) -> Cond:
     return out
 
 
+def epoch_indices(n: int, batch: int, first: int, seed: int) -> torch.Tensor:
+    """Dataset indices of sample positions ``first .. first + batch - 1`` of a run: positions run
+    through epochs, each a seeded permutation (no repeats within one), so any step's batch is known
+    without replaying the ones before it (resume)."""
+    pos = first + torch.arange(batch)
+    epoch = pos.div(n, rounding_mode="floor")
+    out = torch.empty(batch, dtype=torch.long)
+    for e in epoch.unique().tolist():
+        perm = torch.randperm(n, generator=seeded_generator(seed, _PERM, e))
+        out[epoch == e] = perm[pos[epoch == e] % n]
+    return out
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, params: Sequence[torch.nn.Parameter], denoise: Denoise,
                  sigmas: torch.Tensor, latents: torch.Tensor, conds: Sequence[Cond],
@@ -135,15 +148,8 @@ class Trainer:
 
     # -- data ------------------------------------------------------------------------------------
     def indices(self, step: int, micro: int) -> torch.Tensor:
-        """Sample positions run through epochs, each a seeded permutation (no repeats within one)."""
-        n, bs = self.latents.shape[0], self.cfg.batch_size
-        pos = (step * self.cfg.grad_accumulation + micro) * bs + torch.arange(bs)
-        out = torch.empty(bs, dtype=torch.long)
-        for epoch in pos.div(n, rounding_mode="floor").unique().tolist():
-            perm = torch.randperm(n, generator=seeded_generator(self.cfg.seed, _PERM, epoch))
-            sel = pos.div(n, rounding_mode="floor") == epoch
-            out[sel] = perm[pos[sel] % n]
-        return out
+        bs = self.cfg.batch_size
+        return epoch_indices(self.latents.shape[0], bs, (step * self.cfg.grad_accumulation + micro) * bs, self.cfg.seed)
 
     def batch(self, step: int, micro: int) -> Batch:
         cfg = self.cfg

@@ -13,6 +13,7 @@ from comfy_api.v0_0_2 import io
 from ..core.dataset import EXAMPLE_NAME, DatasetError, content_key, list_pairs
 from ..core.perturb import seeded_generator
 from .dataset_files import load_image, write_example
+from .inputs import MAX_SEED
 
 log = logging.getLogger("supercond")
 CACHE_VERSION = "1"
@@ -89,7 +90,7 @@ class SupercondLoadDataset(io.ComfyNode):
                 io.Boolean.Input("flip", default=False, tooltip="Random horizontal flip (seeded), before encoding."),
                 io.Boolean.Input("random_crop", default=False,
                                  tooltip="Random crop from a 15% larger resize (seeded) instead of a centre crop."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of the augmentation."),
+                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, tooltip="Seed of the augmentation."),
             ],
             outputs=[
                 io.Latent.Output(display_name="LATENT"),

@@ -9,6 +9,7 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..core import perturb
 from . import perturb_hook as hook
+from .inputs import MAX_SEED, float_input
 from .model_time import TIME_BASES, sampling_time
 from .plots import line_plot
 
@@ -26,10 +27,6 @@ _BRANCH_TIP = ("Which prompt is perturbed during sampling. Default positive: the
 _OFFSET_TIP = "Added to the sampler's seed for this node's noise; change it for a different draw at the same seed."
 
 
-def _float(name: str, default: float, lo: float, hi: float, step: float, tip: str) -> io.Float.Input:
-    return io.Float.Input(name, default=default, min=lo, max=hi, step=step, tooltip=tip)
-
-
 class SupercondPerturbConditioning(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -40,11 +37,11 @@ class SupercondPerturbConditioning(io.ComfyNode):
             description="Adds slight seeded CEP noise to a CONDITIONING once (static): a variation seed for the prompt.",
             inputs=[
                 io.Conditioning.Input("conditioning"),
-                _float("gamma", 1.0, 0.0, 100.0, 0.01, _GAMMA_TIP),
+                float_input("gamma", 1.0, 0.0, 100.0, 0.01, _GAMMA_TIP),
                 io.Combo.Input("distribution", options=list(perturb.DISTRIBUTIONS), default="uniform", tooltip=_DIST_TIP),
                 io.Combo.Input("scale", options=list(perturb.SCALE_MODES), default="paper", tooltip=_SCALE_TIP),
                 io.Combo.Input("apply_to", options=list(hook.APPLY_TO), default="tokens", tooltip=_APPLY_TIP),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
                              tooltip="Seed of the noise. Same seed, same conditioning."),
             ],
             outputs=[io.Conditioning.Output()],
@@ -83,7 +80,7 @@ class SupercondCEP(io.ComfyNode):
                          "text conditioning, a distinct draw per batch row, seeded from the sampler's seed."),
             inputs=[
                 io.Model.Input("model"),
-                _float("gamma", 1.0, 0.0, 100.0, 0.01, _GAMMA_TIP),
+                float_input("gamma", 1.0, 0.0, 100.0, 0.01, _GAMMA_TIP),
                 io.Combo.Input("distribution", options=list(perturb.DISTRIBUTIONS), default="uniform", tooltip=_DIST_TIP),
                 io.Combo.Input("scale", options=list(perturb.SCALE_MODES), default="paper", tooltip=_SCALE_TIP),
                 io.Combo.Input("apply_to", options=list(hook.APPLY_TO), default="tokens", tooltip=_APPLY_TIP),
@@ -115,10 +112,10 @@ class SupercondCADS(io.ComfyNode):
                          "s sqrt(1-g) n, with g rising from 0 to 1 as sampling progresses from tau2 down to tau1."),
             inputs=[
                 io.Model.Input("model"),
-                _float("tau1", 0.6, 0.0, 1.0, 0.01, "Below this sampling time (1 = pure noise, 0 = clean) the conditioning is clean."),
-                _float("tau2", 0.9, 0.0, 1.0, 0.01, "Above this sampling time the conditioning is pure noise (g = 0). Must exceed tau1."),
-                _float("noise_scale", 0.25, 0.0, 10.0, 0.01, "s: noise amplitude in units of the embedding (paper default for SD: 0.25)."),
-                _float("psi", 1.0, 0.0, 1.0, 0.01, "Rescale mix: 1 = restore the embedding's mean and std after noising, 0 = raw."),
+                float_input("tau1", 0.6, 0.0, 1.0, 0.01, "Below this sampling time (1 = pure noise, 0 = clean) the conditioning is clean."),
+                float_input("tau2", 0.9, 0.0, 1.0, 0.01, "Above this sampling time the conditioning is pure noise (g = 0). Must exceed tau1."),
+                float_input("noise_scale", 0.25, 0.0, 10.0, 0.01, "s: noise amplitude in units of the embedding (paper default for SD: 0.25)."),
+                float_input("psi", 1.0, 0.0, 1.0, 0.01, "Rescale mix: 1 = restore the embedding's mean and std after noising, 0 = raw."),
                 io.Combo.Input("apply_to", options=list(hook.APPLY_TO), default="tokens", tooltip=_APPLY_TIP),
                 io.Combo.Input("branch", options=list(hook.BRANCHES), default="positive", tooltip=_BRANCH_TIP),
                 io.Combo.Input("time_base", options=list(TIME_BASES), default="sigma",

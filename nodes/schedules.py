@@ -12,6 +12,7 @@ from comfy_api.v0_0_2 import io, ui
 from ..core import noise as cnoise
 from ..core import schedules as sched
 from . import schedules_hook as hook
+from .inputs import MAX_SEED
 from .plots import line_plot
 
 log = logging.getLogger("supercond.schedules")
@@ -158,7 +159,7 @@ class SupercondOffsetNoise(io.ComfyNode):
                 "and multi-resolution (pyramid) noise, renormalised to unit variance. Offset 0 and pyramid 0 "
                 "give exactly RandomNoise's noise for the same seed; batch_index is respected."),
             inputs=[
-                io.Int.Input("noise_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                io.Int.Input("noise_seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
                              tooltip="Same seed as RandomNoise gives the same base noise."),
                 io.Float.Input("offset", default=0.1, min=0.0, max=1.0, step=0.01,
                                tooltip="Std of the per-channel constant added to the noise (kohya's noise_offset; "

@@ -15,19 +15,11 @@ from ..core.perturb import DISTRIBUTIONS, seeded_generator
 from ..core.train import TrainConfig, Trainer
 from . import train_model as tm
 from . import train_run
+from .inputs import MAX_SEED, float_input, int_input
 from .plots import line_plot
 
 log = logging.getLogger("supercond")
 CATEGORY = "supercond/training"
-_MAX_SEED = 0xFFFFFFFFFFFFFFFF
-
-
-def _f(name, default, lo, hi, step, tip):
-    return io.Float.Input(name, default=default, min=lo, max=hi, step=step, tooltip=tip)
-
-
-def _i(name, default, lo, hi, tip):
-    return io.Int.Input(name, default=default, min=lo, max=hi, tooltip=tip)
 
 
 def conds_from(conditioning: list) -> tuple[list[dict], dict | None]:
@@ -62,38 +54,38 @@ class SupercondTrainLoRA(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model to train on (its patches are kept)."),
                 io.Latent.Input("latents", tooltip="The training images as latents (VAE-encoded)."),
                 io.Conditioning.Input("conditioning", tooltip="One conditioning per latent, or one for all."),
-                _i("steps", 200, 1, 1_000_000, "Total optimizer steps (with resume: the total to reach)."),
-                _f("learning_rate", 1e-4, 1e-8, 1.0, 1e-6, "AdamW learning rate."),
-                _i("rank", 8, 1, 256, "LoRA rank (dimension of the low-rank update)."),
-                _f("alpha", 8.0, 0.0, 1024.0, 0.5, "LoRA alpha; the update is scaled by alpha/rank."),
-                _i("batch_size", 1, 1, 256, "Latents per micro-batch."),
-                _i("grad_accumulation", 1, 1, 1024, "Micro-batches per optimizer step (loss divided by it)."),
+                int_input("steps", 200, 1, 1_000_000, "Total optimizer steps (with resume: the total to reach)."),
+                float_input("learning_rate", 1e-4, 1e-8, 1.0, 1e-6, "AdamW learning rate."),
+                int_input("rank", 8, 1, 256, "LoRA rank (dimension of the low-rank update)."),
+                float_input("alpha", 8.0, 0.0, 1024.0, 0.5, "LoRA alpha; the update is scaled by alpha/rank."),
+                int_input("batch_size", 1, 1, 256, "Latents per micro-batch."),
+                int_input("grad_accumulation", 1, 1, 1024, "Micro-batches per optimizer step (loss divided by it)."),
                 io.Combo.Input("prediction", options=["auto", *objective.PREDICTIONS], default="auto",
                                tooltip="Loss target: eps, v or flow. auto reads the model's sampling type."),
                 io.Combo.Input("loss_weighting", options=list(objective.WEIGHTINGS), default="none",
                                tooltip="none: plain MSE on the target. min_snr: Min-SNR-gamma. debiased: "
                                        "1/sqrt(SNR)-style (Yu et al.)."),
-                _f("min_snr_gamma", 5.0, 0.01, 100.0, 0.1, "gamma of Min-SNR weighting (5 recommended)."),
-                _f("cep_gamma", 0.0, 0.0, 100.0, 0.01, "CEP strength on the text embeddings during training; "
+                float_input("min_snr_gamma", 5.0, 0.01, 100.0, 0.1, "gamma of Min-SNR weighting (5 recommended)."),
+                float_input("cep_gamma", 0.0, 0.0, 100.0, 0.01, "CEP strength on the text embeddings during training; "
                    "0 = off, 1 = the paper's default. Never applied outside training."),
                 io.Combo.Input("cep_distribution", options=list(DISTRIBUTIONS), default="uniform",
                                tooltip="uniform: U(-a, a) (CEP-U); gaussian: N(0, a^2) (CEP-G); a = gamma/sqrt(d)."),
-                _f("input_perturbation", 0.0, 0.0, 1.0, 0.01, "DDPM-IP gamma: extra noise on the model input only; "
+                float_input("input_perturbation", 0.0, 0.0, 1.0, 0.01, "DDPM-IP gamma: extra noise on the model input only; "
                    "the target stays the original noise. 0 = off, ~0.1 typical."),
-                _f("offset_noise", 0.0, 0.0, 1.0, 0.01, "Offset noise strength (per-channel constant added to "
+                float_input("offset_noise", 0.0, 0.0, 1.0, 0.01, "Offset noise strength (per-channel constant added to "
                    "the noise). 0 = off, 0.05-0.1 typical."),
-                _i("pyramid_iterations", 0, 0, 10, "Pyramid (multi-resolution) noise levels; 0 = off."),
-                _f("caption_dropout", 0.0, 0.0, 1.0, 0.01, "Probability of replacing a caption's conditioning "
+                int_input("pyramid_iterations", 0, 0, 10, "Pyramid (multi-resolution) noise levels; 0 = off."),
+                float_input("caption_dropout", 0.0, 0.0, 1.0, 0.01, "Probability of replacing a caption's conditioning "
                    "by the empty prompt's (needs SupercondLoadDataset's conditioning)."),
-                io.Int.Input("seed", default=0, min=0, max=_MAX_SEED, control_after_generate=False,
+                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=False,
                              tooltip="Seed of every random draw; same seed and inputs, same LoRA."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
                                  tooltip="Recompute activations in backward: less memory, ~20-30% slower."),
                 io.Combo.Input("lr_schedule", options=["constant", "cosine"], default="constant",
                                tooltip="Learning-rate schedule after warmup (cosine decays to 0 at steps)."),
-                _i("warmup_steps", 0, 0, 100_000, "Linear learning-rate warmup steps."),
-                _f("max_grad_norm", 1.0, 0.0, 1000.0, 0.1, "Gradient clipping norm; 0 = off."),
-                _i("save_every", 0, 0, 1_000_000, "Save a checkpoint every N steps (0: only at the end)."),
+                int_input("warmup_steps", 0, 0, 100_000, "Linear learning-rate warmup steps."),
+                float_input("max_grad_norm", 1.0, 0.0, 1000.0, 0.1, "Gradient clipping norm; 0 = off."),
+                int_input("save_every", 0, 0, 1_000_000, "Save a checkpoint every N steps (0: only at the end)."),
                 io.String.Input("filename_prefix", default="supercond/lora",
                                 tooltip="Files go to models/loras/<prefix>_<step>.safetensors (+ .state.pt)."),
                 io.Boolean.Input("resume", default=False,
@@ -150,10 +142,7 @@ def train(model, latents: torch.Tensor, rows: list[dict], empty: dict | None, cf
         tm.materialize_weights(dm)
         net = LoRANetwork(tm.target_layers(mp), cfg.rank, cfg.alpha, seeded_generator(cfg.seed, 0x10BA), device)
         sigmas = mp.get_model_object("model_sampling").sigmas
-        # A LATENT holds the VAE's raw output; the model sees it as samplers feed it (SD's 0.18215 scale,
-        # SD3's shift), so train on that, as ComfyUI's TrainLoraNode does through its sampler.
-        model_latents = mp.model.process_latent_in(latents.float())
-        trainer = Trainer(cfg, list(net.parameters()), tm.denoiser(mp, device), sigmas, model_latents, rows,
+        trainer = Trainer(cfg, list(net.parameters()), tm.denoiser(mp, device), sigmas, tm.model_space(mp, latents), rows,
                           empty, device)
         if resume:
             found = tm.last_checkpoint(stem)

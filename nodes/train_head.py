@@ -29,12 +29,12 @@ from ..core.train import batch_cond
 from . import singlepass_hook as hook
 from . import train_model as tm
 from . import train_run
+from .inputs import MAX_SEED, float_input, int_input
 from .plots import line_plot
 from .singlepass import CATEGORY, FOLDER
 from .train import conds_from
 
 log = logging.getLogger("supercond")
-_MAX_SEED = 0xFFFFFFFFFFFFFFFF
 BATCH = 4           # samples per step (chains in the trajectory pool when no LATENT sets it)
 TRAJ_STEPS = 10     # Euler steps of one teacher trajectory, from pure noise down to the last sigma
 TRAJ_LATENT = 32    # latent side of the trajectories when no LATENT sets it (256 px on 8x VAEs)
@@ -159,14 +159,6 @@ def gist_captions(rows: list[dict], n: int) -> torch.Tensor:
     return torch.arange(n)
 
 
-def _f(name: str, default: float, lo: float, hi: float, step: float, tip: str) -> io.Float.Input:
-    return io.Float.Input(name, default=default, min=lo, max=hi, step=step, tooltip=tip)
-
-
-def _i(name: str, default: int, lo: int, hi: int, tip: str) -> io.Int.Input:
-    return io.Int.Input(name, default=default, min=lo, max=hi, tooltip=tip)
-
-
 class SupercondTrainHead(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -202,8 +194,8 @@ class SupercondTrainHead(io.ComfyNode):
                                         "(EmptyLatentImage) only sets the size and number of the model's own "
                                         f"trajectories; not connected: trajectories at {TRAJ_LATENT * 8} px. "
                                         "gist: required, one caption per latent."),
-                _i("steps", 300, 1, 1_000_000, "Total optimizer steps (with resume: the total to reach)."),
-                _f("learning_rate", 1e-4, 1e-8, 1.0, 1e-6, "AdamW learning rate of the head (or its LoRA) and, in "
+                int_input("steps", 300, 1, 1_000_000, "Total optimizer steps (with resume: the total to reach)."),
+                float_input("learning_rate", 1e-4, 1e-8, 1.0, 1e-6, "AdamW learning rate of the head (or its LoRA) and, in "
                    "gist with lora_rank > 0, of the model's LoRA; decayed to 0 by steps (cosine). The head starts "
                    "at the model's own weights: 1e-4 suits projection and LoRAs; last_block with lora_rank 0 wants "
                    "~1e-6."),
@@ -211,18 +203,18 @@ class SupercondTrainHead(io.ComfyNode):
                                tooltip="projection: a copy of the final projection (tiny, ~free). last_block: a "
                                        "copy of the last block and the projection (stronger, costs one block per "
                                        "step). Must match the head the MODEL already carries, if any."),
-                _i("lora_rank", 0, 0, 256, "distill: 0 trains the head's weights directly; >0 trains a LoRA of this "
+                int_input("lora_rank", 0, 0, 256, "distill: 0 trains the head's weights directly; >0 trains a LoRA of this "
                    "rank inside the head's copy only, merged into the head when saved (same file format); the "
                    "model's own output stays bit-identical. gist: 0 keeps the model frozen (head only); >0 also "
                    "trains a LoRA of this rank (alpha = rank) on the whole model, jointly with the head, saved as "
                    "models/loras/<prefix>_<step>.safetensors: to use it later, load it with the stock LoraLoader, "
                    "then SupercondLoadHead the head."),
-                _f("cfg_min", 3.0, 1.0, 100.0, 0.1, "Lowest guidance scale the head is trained for: the loss "
+                float_input("cfg_min", 3.0, 1.0, 100.0, 0.1, "Lowest guidance scale the head is trained for: the loss "
                    "weights errors by (s-1)^2 for s drawn in [cfg_min, cfg_max]."),
-                _f("cfg_max", 9.0, 1.0, 100.0, 0.1, "Highest guidance scale the head is trained for (>= cfg_min)."),
-                io.Int.Input("seed", default=0, min=0, max=_MAX_SEED, control_after_generate=False,
+                float_input("cfg_max", 9.0, 1.0, 100.0, 0.1, "Highest guidance scale the head is trained for (>= cfg_min)."),
+                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=False,
                              tooltip="Seed of every random draw; same seed and inputs, same head."),
-                _i("save_every", 0, 0, 1_000_000, "Save a checkpoint every N steps (0: only at the end)."),
+                int_input("save_every", 0, 0, 1_000_000, "Save a checkpoint every N steps (0: only at the end)."),
                 io.String.Input("filename_prefix", default="supercond/head",
                                 tooltip=f"Head files go to models/{FOLDER}/<prefix>_<step>.safetensors (+ "
                                         ".state.pt for resume); gist with lora_rank > 0 also writes the model's LoRA "
@@ -287,11 +279,6 @@ class SupercondTrainHead(io.ComfyNode):
         return io.NodeOutput(hook.attach_head(trained, final), str(path), plot, ui=ui.PreviewImage(plot, cls=cls))
 
 
-def model_space(mp: Any, samples: torch.Tensor) -> torch.Tensor:
-    """A LATENT as the sampler feeds it to the model (``process_latent_in``: SD's 0.18215 scale, SD3's shift)."""
-    return mp.model.process_latent_in(samples.float())
-
-
 def _pool_or_latents(mp: Any, latent: dict | None, n_prompts: int, cfg: HeadTrainConfig, device: torch.device):
     """distill data: (trajectory pool, None) or (None, latents). An all-zero LATENT (EmptyLatentImage) sets
     the pool's size and chain count instead of being noised as if it were images."""
@@ -300,7 +287,7 @@ def _pool_or_latents(mp: Any, latent: dict | None, n_prompts: int, cfg: HeadTrai
     ms = mp.get_model_object("model_sampling")
     samples = None if latent is None else latent["samples"]
     if samples is not None and bool(samples.abs().amax() > 0):
-        return None, model_space(mp, samples)
+        return None, tm.model_space(mp, samples)
     if samples is None:
         n, shape = BATCH, (mp.model.latent_format.latent_channels, TRAJ_LATENT, TRAJ_LATENT)
     else:
@@ -378,7 +365,7 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
         if cfg.mode == "distill":
             pool, latents = _pool_or_latents(mp, latent, len(pos_rows), cfg, device)
         else:
-            latents = model_space(mp, latent["samples"])
+            latents = tm.model_space(mp, latent["samples"])
         trainer = HeadTrainer(cfg, params, head_denoiser(net, teacher, ms), ms.sigmas, teach=teacher.teach,
                               forward=teacher.forward, latents=latents, captions=captions, n_prompts=len(pos_rows),
                               pool=pool, backbone=[] if backbone is None else list(backbone.parameters()),

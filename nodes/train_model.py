@@ -81,6 +81,12 @@ def materialize_weights(module: nn.Module) -> None:
                 mod._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
 
 
+def model_space(mp: Any, samples: torch.Tensor) -> torch.Tensor:
+    """A LATENT (the VAE's raw output) as samplers feed it to the model (``process_latent_in``: SD's
+    0.18215 scale, SD3's shift): what both trainers train on, as ComfyUI's TrainLoraNode does."""
+    return mp.model.process_latent_in(samples.float())
+
+
 def denoiser(model: Any, device: torch.device):
     """(x_in, sigma, cond) -> x0 estimate through the model's ``apply_model`` (its model patches and
     transformer_options included), conds built by the model's own ``extra_conds``."""

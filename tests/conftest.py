@@ -104,6 +104,32 @@ def client(server):
     return ComfyClient(server.url)
 
 
+@pytest.fixture(params=["eps", "v", "flow"])
+def fam(request, comfy, fixture_checkpoints):
+    """Each SD1.x-family fixture (eps, v) and SD3 (flow); a module may define its own ``fam``."""
+    from comfy_helpers import load_family
+
+    return load_family(request.param, fixture_checkpoints)
+
+
+@pytest.fixture()
+def conds(fam):
+    from comfy_helpers import encode
+
+    return encode(fam, "a red cube on a table"), encode(fam, "")
+
+
+@pytest.fixture()
+def one_thread():
+    """Toy benches' small matmuls: one thread is faster and makes bit-identity checks independent of load."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def artifacts() -> Path:
     out = REPO / "tests" / "artifacts"

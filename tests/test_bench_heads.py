@@ -24,17 +24,10 @@ import head_distill_toy as hd  # noqa: E402
 import head_gist_toy as hg  # noqa: E402
 import toy_gmm as tg  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SCH = tg.VPSchedule.scaled_linear()
 GIST_CFG = replace(hg.QUICK, seeds=(0,))
 DISTILL_CFG = replace(hd.QUICK, variants=("proj/policy", "block/policy"))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -20,17 +20,9 @@ import _common  # noqa: E402
 _common.import_pack()
 import toy_gmm as tg  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS, BATCH, LR, WIDTH = 300, 128, 3e-3, 64
 N = 400  # points per class for the metrics
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small matmuls: one thread is faster and makes the bit-identity check independent of load.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

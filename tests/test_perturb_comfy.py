@@ -11,20 +11,6 @@ import torch
 pytestmark = pytest.mark.comfy
 
 
-@pytest.fixture(params=["eps", "v", "flow"])
-def fam(request, comfy, fixture_checkpoints):
-    from comfy_helpers import load_family
-
-    return load_family(request.param, fixture_checkpoints)
-
-
-@pytest.fixture()
-def conds(fam):
-    from comfy_helpers import encode
-
-    return encode(fam, "a red cube on a table"), encode(fam, "")
-
-
 def cep(model, **kw):
     from supercond.nodes.perturb import SupercondCEP
 

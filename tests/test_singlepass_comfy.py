@@ -23,20 +23,6 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a - b).abs().max().item() <= 5e-5 * b.abs().max().item() + 1e-5
 
 
-@pytest.fixture(params=["eps", "v", "flow"])
-def fam(request, comfy, fixture_checkpoints):
-    from comfy_helpers import load_family
-
-    return load_family(request.param, fixture_checkpoints)
-
-
-@pytest.fixture()
-def conds(fam):
-    from comfy_helpers import encode
-
-    return encode(fam, "a red cube on a table"), encode(fam, "")
-
-
 def new_head(model, head="projection"):
     from supercond.nodes.singlepass import SupercondNewHead
 

@@ -11,13 +11,13 @@ From then on the UI files are the examples: tests and the run command convert th
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from _pack import import_pack
 
 REPO = Path(__file__).resolve().parent.parent
 log = logging.getLogger("supercond.author")
@@ -287,11 +287,7 @@ EXAMPLES: dict[str, Callable[[], tuple[dict, str]]] = {
 
 
 def _import_tools():
-    spec = importlib.util.spec_from_file_location("supercond", REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["supercond"] = module
-    spec.loader.exec_module(module)
+    import_pack()
     from supercond.tools import browser, paths, server
     return browser, paths, server
 

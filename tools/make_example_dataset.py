@@ -10,19 +10,15 @@ looking at it or copying it elsewhere.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
+
+from _pack import import_pack
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
-    spec = importlib.util.spec_from_file_location("supercond", REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["supercond"] = module
-    spec.loader.exec_module(module)
+    import_pack()
     from supercond.core.dataset import EXAMPLE_NAME
     from supercond.nodes.dataset_files import write_example
 

@@ -7,23 +7,17 @@ Called by ``scripts/examples`` (which installs what is missing first). Writes th
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _pack import import_pack
+
 REPO = Path(__file__).resolve().parent.parent
 log = logging.getLogger("supercond.examples")
 
-
-def _import_pack():
-    spec = importlib.util.spec_from_file_location("supercond", REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["supercond"] = module
-    spec.loader.exec_module(module)
 
 
 def main() -> int:
@@ -37,7 +31,7 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", help="workflow names (file stems) to run")
     args = ap.parse_args()
 
-    _import_pack()
+    import_pack()
     from supercond.tools import paths, workflows
     from supercond.tools.inprocess import ensure_fixtures
     from supercond.tools.server import ComfyClient, ComfyServer

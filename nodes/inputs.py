@@ -1,0 +1,15 @@
+"""Widget constructors every node file uses, so ranges and tooltips are declared one way."""
+
+from __future__ import annotations
+
+from comfy_api.v0_0_2 import io
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+def float_input(name: str, default: float, lo: float, hi: float, step: float, tip: str) -> io.Float.Input:
+    return io.Float.Input(name, default=default, min=lo, max=hi, step=step, tooltip=tip)
+
+
+def int_input(name: str, default: int, lo: int, hi: int, tip: str) -> io.Int.Input:
+    return io.Int.Input(name, default=default, min=lo, max=hi, tooltip=tip)
