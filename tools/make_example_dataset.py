@@ -19,6 +19,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     import_pack()
+    from supercond.tools import paths
+    from supercond.tools.inprocess import setup_comfy_imports
+
+    comfyui = paths.find_comfyui()
+    if comfyui is None:
+        raise SystemExit("ComfyUI not found: check it out to ~/comfy/ComfyUI or set COMFYUI_PATH (see README)")
+    setup_comfy_imports(comfyui)  # supercond.nodes imports comfy_api
     from supercond.core.dataset import EXAMPLE_NAME
     from supercond.nodes.dataset_files import write_example
 
