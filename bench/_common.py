@@ -54,6 +54,17 @@ def results_dir() -> Path:
     return RESULTS
 
 
+def save_figure(fig, name: str, dpi: int = 100) -> Path:
+    """Lay out, write ``bench/results/<name>`` and close a matplotlib figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = results_dir() / name
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 import toy_gmm as tg
-from _common import header, results_dir, setup_logging
+from _common import header, save_figure, setup_logging
 
 log = logging.getLogger("supercond.bench.cep_toy")
 
@@ -212,11 +212,7 @@ def plot(
             ax.set_title(f"{regime} data: {label}\n(mean ± std over {len(cfg.seeds)} seeds)", fontsize=9)
             ax.legend(fontsize=6, ncol=2)
     _scatter_row(fig, grid, n_reg, cfg, gmm, runs)
-    fig.tight_layout()
-    path = results_dir() / name
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return str(save_figure(fig, name, dpi=110))
 
 
 def _metric_panel(ax, cfg: Config, runs: dict, regime: str, metric: str, paired: bool) -> None:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 import toy_gmm as tg
-from _common import header, results_dir, setup_logging
+from _common import header, save_figure, setup_logging
 from cep_toy import pm
 from head_gist_toy import count_evals
 from torch import nn
@@ -400,11 +400,7 @@ def plot(cfg: Config, results: list[SeedResult], bins: list[tuple[float, float]]
     for ax in axes.flat:
         ax.legend(fontsize=7)
     fig.suptitle(f"distilled uncond head on a frozen toy teacher (mean ± std over {len(cfg.seeds)} seeds)")
-    fig.tight_layout()
-    path = results_dir() / name
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
+    return str(save_figure(fig, name))
 
 
 def _band(ax, xs: Sequence[float], vals: Sequence[Sequence[float]], color: int | str, label: str) -> None:

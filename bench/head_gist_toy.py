@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 import toy_gmm as tg
-from _common import header, results_dir, setup_logging
+from _common import header, save_figure, setup_logging
 from cep_toy import pm
 
 log = logging.getLogger("supercond.bench.head_gist_toy")
@@ -332,11 +332,7 @@ def plot(cfg: Config, results: list[SeedResult], ref: Reference, cost: Cost, nam
     _scatter(ax=axes[1, 2], pts=results[0].samples[cfg.scales[0], GIST],
              title=f"{GIST}, scale {cfg.scales[0]:g}, seed {cfg.seeds[0]}")
     _cost_panel(axes[1, 3], cfg, cost)
-    fig.tight_layout()
-    path = results_dir() / name
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
+    return str(save_figure(fig, name))
 
 
 def _errorbar(ax, xs: np.ndarray, vals: Sequence[Sequence[float]], color: str, label: str, ls: str = "-") -> None:

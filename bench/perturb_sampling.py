@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-from _common import header, import_pack, results_dir, setup_logging
+from _common import header, import_pack, save_figure, setup_logging
 
 log = logging.getLogger("supercond.bench.perturb")
 
@@ -151,10 +151,7 @@ def _plot(med: dict, div: dict) -> None:
     axes[1].set_ylabel("mean pairwise latent distance")
     for ax in axes:
         ax.tick_params(axis="x", rotation=20)
-    fig.tight_layout()
-    path = results_dir() / "perturb_sampling.png"
-    fig.savefig(path, dpi=100)
-    log.info(f"plot: {path}")
+    log.info(f"plot: {save_figure(fig, 'perturb_sampling.png')}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import math
 
 import torch
 import toy_gmm as tg
-from _common import header, results_dir, setup_logging
+from _common import header, save_figure, setup_logging
 
 log = logging.getLogger("supercond.bench.schedules_toy")
 sched = importlib.import_module("supercond.core.schedules")
@@ -155,10 +155,7 @@ def plot(rows, floor: float) -> None:
         ax.set_ylabel("per-class W2 to truth")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    path = results_dir() / "schedules_toy.png"
-    fig.savefig(path)
-    log.info("plot: %s", path)
+    log.info("plot: %s", save_figure(fig, "schedules_toy.png"))
 
 
 if __name__ == "__main__":

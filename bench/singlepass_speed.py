@@ -23,7 +23,7 @@ import statistics
 import time
 
 import torch
-from _common import PeakRSS, header, results_dir, setup_logging
+from _common import PeakRSS, header, save_figure, setup_logging
 from perturb_sampling import load_sd15
 
 log = logging.getLogger("supercond.bench.singlepass")
@@ -147,10 +147,7 @@ def _plot(rows) -> None:
     ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(names))], names, rotation=15, fontsize=8)
     ax.set_ylabel("seconds per step (forward: per call)")
     ax.legend()
-    fig.tight_layout()
-    path = results_dir() / "singlepass_speed.png"
-    fig.savefig(path, dpi=100)
-    log.info(f"plot: {path}")
+    log.info(f"plot: {save_figure(fig, 'singlepass_speed.png')}")
 
 
 if __name__ == "__main__":
