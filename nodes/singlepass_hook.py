@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,6 +179,24 @@ class Capture:
         return pre
 
 
+@contextmanager
+def capturing(net: nn.Module, arch: Arch | None, final: bool, block: bool) -> Iterator[Capture]:
+    """Record the inputs of ``net`` (and of its final projection / last block entry) for the calls
+    made inside the block; the hooks never outlive it."""
+    cap = Capture()
+    handles = [net.register_forward_pre_hook(cap.hook("net"), with_kwargs=True)]
+    try:
+        if final:
+            handles.append(resolve(net, arch.final)[0].register_forward_pre_hook(cap.hook("final"), with_kwargs=True))
+        if block:
+            handles.append(resolve(net, arch.block_entry)[0].register_forward_pre_hook(cap.hook("block"),
+                                                                                       with_kwargs=True))
+        yield cap
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def to_output(arch: Arch, net: nn.Module, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Final-layer output -> the diffusion model's output layout (what the model itself does after it)."""
     if arch.name == "unet":
@@ -320,23 +340,19 @@ class SinglePassHook:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         base = executor.class_obj
         net = base.diffusion_model
-        cap = Capture()
-        handles = [net.register_forward_pre_hook(cap.hook("net"), with_kwargs=True)]
-        if run.native:
-            def split(_module, _args, out):
-                cond, cap.native_uncond = split_doubled(out, run.latent_channels)
-                return cond
-            handles.append(net.register_forward_hook(split))
-        else:
-            handles.append(resolve(net, run.arch.final)[0].register_forward_pre_hook(cap.hook("final"), with_kwargs=True))
-            if run.head.block is not None:
-                entry = resolve(net, run.arch.block_entry)[0]
-                handles.append(entry.register_forward_pre_hook(cap.hook("block"), with_kwargs=True))
-        try:
-            denoised = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
+        with capturing(net, run.arch, final=not run.native,
+                       block=not run.native and run.head.block is not None) as cap:
+            split_handle = None
+            if run.native:
+                def split(_module, _args, out):
+                    cond, cap.native_uncond = split_doubled(out, run.latent_channels)
+                    return cond
+                split_handle = net.register_forward_hook(split)
+            try:
+                denoised = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+            finally:
+                if split_handle is not None:
+                    split_handle.remove()
         if run.active:
             raw = cap.native_uncond if run.native else run_head(run.head, run.arch, net, cap)
             uncond = base.model_sampling.calculate_denoised(t, raw.float(), x)

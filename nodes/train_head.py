@@ -92,18 +92,8 @@ class Teacher:
         self.trains_backbone = trains_backbone
 
     def _call(self, x: torch.Tensor, sigma: torch.Tensor, rows: list[dict]) -> tuple[torch.Tensor, hook.Capture]:
-        cap = hook.Capture()
-        handles = [self.net.register_forward_pre_hook(cap.hook("net"), with_kwargs=True),
-                   hook.resolve(self.net, self.arch.final)[0].register_forward_pre_hook(cap.hook("final"),
-                                                                                         with_kwargs=True)]
-        if self.head_type == "last_block":
-            entry = hook.resolve(self.net, self.arch.block_entry)[0]
-            handles.append(entry.register_forward_pre_hook(cap.hook("block"), with_kwargs=True))
-        try:
+        with hook.capturing(self.net, self.arch, final=True, block=self.head_type == "last_block") as cap:
             x0 = self.denoise(x, sigma, batch_cond(rows))
-        finally:
-            for h in handles:
-                h.remove()
         return x0, cap
 
     def features(self, cap: hook.Capture, rows: int | None, total: int) -> hook.Capture:
