@@ -177,7 +177,7 @@ class Pool:
 @torch.no_grad()
 def policy_pool(teacher: tg.Denoiser, cfg: Config, schedule: tg.VPSchedule, seed: int) -> Pool:
     """Teacher CFG-guided DDIM trajectories, each at its own scale from ``sample_scales``."""
-    gen = tg.perturb.seeded_generator(seed, 0x9001)
+    gen = tg.seeds.seeded_generator(seed, 0x9001)
     labels = torch.arange(teacher.num_classes).repeat_interleave(cfg.pool_per_class)
     scales = ho.sample_scales(len(labels), cfg.cfg_min, cfg.cfg_max, gen)
 
@@ -198,7 +198,7 @@ def train_head(teacher: tg.Denoiser, variant: Variant, cfg: Config, gmm: tg.GMM,
     """A head distilled from the frozen teacher; (head, per-step losses)."""
     sch = tg.VPSchedule.scaled_linear()
     head = DistilledHead(teacher, variant.head)
-    gen = tg.perturb.seeded_generator(seed, 0xD157)
+    gen = tg.seeds.seeded_generator(seed, 0xD157)
     null = torch.full((cfg.head_batch,), teacher.null_label)
 
     def step_loss() -> torch.Tensor:
@@ -280,7 +280,7 @@ def evaluate(teacher: tg.Denoiser, heads: dict[str, DistilledHead], cfg: Config,
     truth = tg.truth_samples(gmm, cfg.n_eval, seed + 1000)
     eval_seed = seed + 100  # other noise than the training pool
     for s in cfg.scales:
-        x_start = torch.randn(len(labels), 2, generator=tg.perturb.seeded_generator(eval_seed, 0x5A3))
+        x_start = torch.randn(len(labels), 2, generator=tg.seeds.seeded_generator(eval_seed, 0x5A3))
         record: list[tuple[int, torch.Tensor]] = []
         two = tg.ddim_loop(lambda x, t, s=s: ho.guided(*two_pass(teacher, x, t, labels), s), x_start, sch, ts, record)
         error_table(teacher, heads, record, labels, s, cfg.sigma_bins, res)

@@ -85,7 +85,7 @@ def train_gist(model: tg.Denoiser, data: tg.DataSource, steps: int, batch: int, 
     dropout mask), so the two objectives are compared paired.
     """
     schedule = schedule or tg.VPSchedule.scaled_linear()
-    gen = tg.perturb.seeded_generator(seed, 0x7EA1)
+    gen = tg.seeds.seeded_generator(seed, 0x7EA1)
 
     def step_loss() -> torch.Tensor:
         xt, t, eps, y = tg.noised_batch(data, batch, schedule, gen)
@@ -118,7 +118,7 @@ def sample_method(model: tg.Denoiser, method: str, n_per_class: int, schedule: t
     if method == DROPOUT:
         return tg.sample_classes(model, n_per_class, schedule, timesteps, seed, scale)
     labels = torch.arange(model.num_classes).repeat_interleave(n_per_class)
-    x = torch.randn(len(labels), 2, generator=tg.perturb.seeded_generator(seed, 0x5A3))
+    x = torch.randn(len(labels), 2, generator=tg.seeds.seeded_generator(seed, 0x5A3))
     out = tg.ddim_loop(lambda xt, t: tg.single_pass_eps(model, xt, t, labels, scale), x, schedule, timesteps)
     return list(out.split(n_per_class))
 

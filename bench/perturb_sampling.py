@@ -44,7 +44,7 @@ def load_sd15():
 
 
 def variants(model, pos):
-    from supercond.nodes.perturb import SupercondCADS, SupercondCEP, SupercondPerturbConditioning
+    from supercond.nodes.perturb.nodes import SupercondCADS, SupercondCEP, SupercondPerturbConditioning
 
     cep = SupercondCEP.execute(model, 1.0, "uniform", "paper", "tokens", "positive", "every_step", 0).result[0]
     cads = SupercondCADS.execute(model, 0.6, 0.9, 0.25, 1.0, "tokens", "positive", "sigma", 0).result[0]
@@ -76,7 +76,7 @@ def hook_cost(model, pos, rows: int = 2, calls: int = 200) -> dict[str, float]:
     overhead without the machine noise of whole sampling runs."""
     import comfy.conds
 
-    from supercond.nodes import perturb_hook as hook
+    from supercond.nodes.perturb import hook
 
     entry = {"model_conds": {"c_crossattn": comfy.conds.CONDCrossAttn(pos[0][0])},
              "pooled_output": pos[0][1].get("pooled_output")}

@@ -24,7 +24,7 @@ log = logging.getLogger("supercond.bench.schedules")
 
 def variants(model) -> dict:
     import_pack()
-    from supercond.nodes.schedules import SupercondEpsilonScaling, SupercondNoiseCorrection
+    from supercond.nodes.schedules.nodes import SupercondEpsilonScaling, SupercondNoiseCorrection
 
     return {
         "none": model,

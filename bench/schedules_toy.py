@@ -58,7 +58,7 @@ def timestep_of(vp: tg.VPSchedule, sigma: float) -> float:
 @torch.no_grad()
 def sample(model: tg.Denoiser, vp: tg.VPSchedule, labels: torch.Tensor, sigmas: torch.Tensor, seed: int,
            correction: float = 0.0, b: float = 1.0) -> torch.Tensor:
-    g = tg.perturb.seeded_generator(seed, 0x5A3)
+    g = tg.seeds.seeded_generator(seed, 0x5A3)
     n = torch.randn(len(labels), 2, generator=g, dtype=torch.float64)
     s0, smax = float(sigmas[0]), float(vp.sigmas[-1])
     max_denoise = math.isclose(s0, smax, rel_tol=1e-5) or s0 > smax

@@ -54,7 +54,7 @@ def forward_run(model, pos, size: int, batch: int):
 
 def head_run(model, head_type: str, pos, size: int):
     """The head alone on features captured from one real forward (what it adds per call)."""
-    from supercond.nodes import singlepass_hook as hook
+    from supercond.nodes.singlepass import hook
 
     head = hook.new_head(model, head_type)
     net = model.model.diffusion_model
@@ -70,7 +70,7 @@ def head_run(model, head_type: str, pos, size: int):
 
 
 def variants(model, pos, neg, size: int, steps: int) -> dict:
-    from supercond.nodes.singlepass import SupercondNewHead, SupercondSinglePass
+    from supercond.nodes.singlepass.nodes import SupercondNewHead, SupercondSinglePass
 
     def sp(head_type):
         m = SupercondNewHead.execute(model, head_type).result[0]

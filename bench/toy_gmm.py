@@ -42,6 +42,7 @@ from torch import nn
 
 import_pack()
 perturb = importlib.import_module("supercond.core.perturb")
+seeds = importlib.import_module("supercond.core.seeds")
 schedules = importlib.import_module("supercond.core.schedules")
 
 Tensor = torch.Tensor
@@ -129,7 +130,7 @@ class FiniteDataset:
 
 def make_dataset(gmm: GMM, n_per_class: int, seed: int) -> FiniteDataset:
     """n_per_class exact draws per class from ``gmm`` (the finite training set)."""
-    g = perturb.seeded_generator(seed, 0xDA7A)
+    g = seeds.seeded_generator(seed, 0xDA7A)
     y = torch.arange(gmm.num_classes).repeat_interleave(n_per_class)
     return FiniteDataset(gmm.sample(y, g), y)
 
@@ -255,7 +256,7 @@ def residual_block(blk: nn.ModuleDict, h: Tensor, c: Tensor) -> Tensor:
 def make_model(num_classes: int, seed: int, **kwargs: int) -> Denoiser:
     """A Denoiser whose initial weights depend only on ``seed`` (torch's usual init, own RNG)."""
     model = Denoiser(num_classes, **kwargs)
-    g = perturb.seeded_generator(seed, 0x1A17)
+    g = seeds.seeded_generator(seed, 0x1A17)
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=g)
@@ -353,8 +354,8 @@ def train(
     Deterministic given ``seed`` (on one machine and thread count).
     """
     schedule = schedule or VPSchedule.scaled_linear()
-    gen = perturb.seeded_generator(seed, 0x7EA1)
-    cep_gen = perturb.seeded_generator(seed, 0xCE9) if cep else None
+    gen = seeds.seeded_generator(seed, 0x7EA1)
+    cep_gen = seeds.seeded_generator(seed, 0xCE9) if cep else None
 
     def step_loss() -> Tensor:
         xt, t, eps, y = noised_batch(data, batch, schedule, gen)
@@ -473,7 +474,7 @@ def oracle_sample_classes(
         eps_c = exact_eps(gmm, x, a, labels)
         return eps_c if cfg_scale == 1.0 else eps_c + (cfg_scale - 1) * (eps_c - exact_eps(gmm, x, a))
 
-    x = torch.randn(len(labels), 2, generator=perturb.seeded_generator(seed, 0x5A3))
+    x = torch.randn(len(labels), 2, generator=seeds.seeded_generator(seed, 0x5A3))
     return list(ddim_loop(eps_fn, x, schedule, timesteps).split(n_per_class))
 
 
@@ -487,7 +488,7 @@ def sample_classes(
 ) -> list[Tensor]:
     """n_per_class samples for every class, as a list indexed by class."""
     labels = torch.arange(model.num_classes).repeat_interleave(n_per_class)
-    x = ddim_sample(model, labels, schedule, timesteps, perturb.seeded_generator(seed, 0x5A3), cfg_scale)
+    x = ddim_sample(model, labels, schedule, timesteps, seeds.seeded_generator(seed, 0x5A3), cfg_scale)
     return list(x.split(n_per_class))
 
 
@@ -537,5 +538,5 @@ def mean_nn_distance(x: Tensor, ref: Tensor) -> float:
 
 def truth_samples(gmm: GMM, n_per_class: int, seed: int) -> list[Tensor]:
     """Independent exact draws per class (seed picks the draw)."""
-    g = perturb.seeded_generator(seed, 0x7207)
+    g = seeds.seeded_generator(seed, 0x7207)
     return [gmm.sample_class(k, n_per_class, g) for k in range(gmm.num_classes)]

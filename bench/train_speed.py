@@ -68,8 +68,8 @@ def main() -> None:
     from comfy_extras.nodes_train import TrainLoraNode
 
     from supercond.core.lora import LoRANetwork
-    from supercond.nodes import train_model as tm
-    from supercond.nodes.train import SupercondTrainLoRA
+    from supercond.nodes.train import model as tm
+    from supercond.nodes.train.lora import SupercondTrainLoRA
 
     folder_paths.add_model_folder_path("checkpoints", str(models / "checkpoints"))
     folder_paths.folder_names_and_paths["loras"] = ([tempfile.mkdtemp()], folder_paths.supported_pt_extensions)

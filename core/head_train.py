@@ -23,7 +23,7 @@ import torch
 
 from . import head_objective as ho
 from . import objective as obj
-from .perturb import seeded_generator
+from .seeds import seeded_generator
 from .train import NaNLoss, epoch_indices
 
 MODES: tuple[str, ...] = ("distill", "gist")

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .files import save_atomic
+
 FORMAT = "supercond.head"
 FORMAT_VERSION = 1
 HEAD_TYPES: tuple[str, ...] = ("projection", "last_block")
@@ -93,12 +95,7 @@ def head_state(head: SecondHead) -> dict[str, torch.Tensor]:
 
 
 def save_head(head: SecondHead, path: str | Path) -> Path:
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(head_state(head), str(path), metadata=head.spec.to_metadata())
-    return path
+    return save_atomic(path, head_state(head), head.spec.to_metadata())
 
 
 def _check_container(path: Path) -> None:

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -120,34 +117,6 @@ def _hook(mod: LoRAModule):
 
 def _safe(key: str) -> str:
     return key.replace(".", "__")  # ModuleDict keys may not contain dots
-
-
-def save_atomic(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
-    """Write a safetensors file through a temporary file in the same folder, then rename it into place."""
-    from safetensors.torch import save_file
-
-    return _write_atomic(path, ".safetensors", lambda tmp: save_file(
-        dict(tensors), tmp, metadata={k: str(v) for k, v in metadata.items()}))
-
-
-def torch_save_atomic(path: str | Path, obj: object) -> Path:
-    return _write_atomic(path, ".pt", lambda tmp: torch.save(obj, tmp))
-
-
-def _write_atomic(path: str | Path, suffix: str, write: Callable[[str], object]) -> Path:
-    """Write to a temporary file in the target folder, then rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
 
 
 def kohya_metadata(rank: int, alpha: float, steps: int, config: Mapping[str, object],

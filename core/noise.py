@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .perturb import seeded_generator
+from .seeds import seeded_generator
 
 _SALT = 0x0FF5E7
 

@@ -191,13 +191,3 @@ def cads_noise_to_signal(g: float, noise_scale: float, signal_rms: float) -> flo
         return math.inf
     return noise_scale * math.sqrt(1.0 - g) / (math.sqrt(g) * max(signal_rms, 1e-12))
 
-
-def seeded_generator(*parts: int) -> torch.Generator:
-    """A private CPU generator seeded from several integers (mixed, so nearby seeds differ)."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 29
-    g = torch.Generator(device="cpu")
-    g.manual_seed(h & 0x7FFFFFFFFFFFFFFF)
-    return g

@@ -17,7 +17,8 @@ import torch
 
 from . import objective as obj
 from .noise import row_generators, structure_noise
-from .perturb import DISTRIBUTIONS, apply_cep, seeded_generator
+from .perturb import DISTRIBUTIONS, apply_cep
+from .seeds import seeded_generator
 
 Cond = dict[str, torch.Tensor]  # e.g. {"cross_attn": [1, T, D], "pooled_output": [1, P]}
 Denoise = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]

@@ -1,4 +1,5 @@
-"""ComfyUI glue: V3 nodes, one module per capability, registered through comfy_entrypoint."""
+"""ComfyUI glue: V3 nodes, one sub-package per capability (its nodes and hooks side by side), the
+model-family adapter and a few shared helpers, registered through comfy_entrypoint."""
 
 from __future__ import annotations
 
@@ -6,15 +7,17 @@ import logging
 
 from comfy_api.v0_0_2 import ComfyExtension, io
 
-from . import dataset, perturb, schedules, singlepass, train, train_head
+from .perturb import nodes as perturb
+from .schedules import nodes as schedules
+from .singlepass import nodes as singlepass
+from .train import dataset, head, lora
 
 log = logging.getLogger("supercond")
 
 
 class SupercondExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*perturb.NODES, *schedules.NODES, *singlepass.NODES, *dataset.NODES, *train.NODES,
-                *train_head.NODES]
+        return [*perturb.NODES, *schedules.NODES, *singlepass.NODES, *dataset.NODES, *lora.NODES, *head.NODES]
 
 
 async def comfy_entrypoint() -> SupercondExtension:

@@ -15,7 +15,7 @@ from supercond.core.head_train import (
     merged_state,
 )
 from supercond.core.lora import LoRANetwork
-from supercond.core.perturb import seeded_generator
+from supercond.core.seeds import seeded_generator
 
 SIGMAS = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.0])  # K = 4 states per lap
 

@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from supercond.core import perturb
+from supercond.core import perturb, seeds
 
 
 def gen(seed: int = 0) -> torch.Generator:
-    return perturb.seeded_generator(seed)
+    return seeds.seeded_generator(seed)
 
 
 def embedding(b: int = 2, t: int = 77, d: int = 768, rms: float = 1.0, seed: int = 1) -> torch.Tensor:

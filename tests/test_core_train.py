@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from supercond.core import objective as obj
-from supercond.core.lora import LoRANetwork, save_atomic
-from supercond.core.perturb import seeded_generator
+from supercond.core.files import save_atomic
+from supercond.core.lora import LoRANetwork
+from supercond.core.seeds import seeded_generator
 from supercond.core.train import TrainConfig, Trainer, TrainError
 
 SIG = torch.tensor([0.05, 0.3, 1.0, 4.0, 14.6])

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.comfy
 
 
 def cep(model, **kw):
-    from supercond.nodes.perturb import SupercondCEP
+    from supercond.nodes.perturb.nodes import SupercondCEP
 
     args = dict(gamma=1.0, distribution="uniform", scale="paper", apply_to="tokens", branch="positive",
                 resample="every_step", seed_offset=0) | kw
@@ -20,7 +20,7 @@ def cep(model, **kw):
 
 
 def cads(model, **kw):
-    from supercond.nodes.perturb import SupercondCADS
+    from supercond.nodes.perturb.nodes import SupercondCADS
 
     args = dict(tau1=0.6, tau2=0.9, noise_scale=0.25, psi=1.0, apply_to="tokens", branch="positive",
                 time_base="sigma", seed_offset=0) | kw
@@ -28,7 +28,7 @@ def cads(model, **kw):
 
 
 def static(conditioning, **kw):
-    from supercond.nodes.perturb import SupercondPerturbConditioning
+    from supercond.nodes.perturb.nodes import SupercondPerturbConditioning
 
     args = dict(gamma=1.0, distribution="uniform", scale="paper", apply_to="tokens", seed=3) | kw
     return SupercondPerturbConditioning.execute(conditioning, **args).result[0]
@@ -160,8 +160,9 @@ def test_sdxl_size_embeddings_and_other_keys_are_never_touched(comfy):
     """SDXL's y is pooled (1280) + six 256-wide size/crop embeddings: only the pooled part moves."""
     import comfy.conds
 
-    from supercond.core.perturb import apply_cep, seeded_generator
-    from supercond.nodes.perturb_hook import perturb_entry
+    from supercond.core.perturb import apply_cep
+    from supercond.core.seeds import seeded_generator
+    from supercond.nodes.perturb.hook import perturb_entry
 
     tokens = torch.randn(1, 77, 2048)
     y = torch.randn(1, 2816)
@@ -184,8 +185,8 @@ def test_sdxl_size_embeddings_and_other_keys_are_never_touched(comfy):
 def test_bad_inputs_get_clear_messages(fam, conds):
     from comfy_helpers import sample
 
-    from supercond.nodes.perturb import SupercondCADS
-    from supercond.nodes.perturb_hook import HookError
+    from supercond.nodes.errors import InputError
+    from supercond.nodes.perturb.nodes import SupercondCADS
 
     pos, neg = conds
     bad = [[pos[0][0].clone(), dict(pos[0][1])]]
@@ -199,8 +200,8 @@ def test_bad_inputs_get_clear_messages(fam, conds):
     assert "tau1" in SupercondCADS.validate_inputs(tau1=0.9, tau2=0.6)
     with pytest.raises(ValueError, match="tau1 must be smaller"):
         cads(fam.model, tau1=0.9, tau2=0.6)
-    with pytest.raises(HookError, match="expected a ComfyUI MODEL"):
+    with pytest.raises(InputError, match="expected a ComfyUI MODEL"):
         cep("not a model")
     if fam.name != "flow":  # SD1.x has no pooled input: the hook cannot serve apply_to=pooled
-        with pytest.raises(HookError, match="does not use a pooled text embedding"):
+        with pytest.raises(InputError, match="does not use a pooled text embedding"):
             sample(fam, cep(fam.model, apply_to="pooled"), pos, neg)

@@ -57,13 +57,13 @@ def conds(fam):
 
 
 def nc(model, strength=1.0):
-    from supercond.nodes.schedules import SupercondNoiseCorrection
+    from supercond.nodes.schedules.nodes import SupercondNoiseCorrection
 
     return SupercondNoiseCorrection.execute(model, strength).result[0]
 
 
 def es(model, b=1.005, k=0.0):
-    from supercond.nodes.schedules import SupercondEpsilonScaling
+    from supercond.nodes.schedules.nodes import SupercondEpsilonScaling
 
     return SupercondEpsilonScaling.execute(model, b, k).result[0]
 
@@ -140,7 +140,7 @@ def test_noise_correction_reaches_sampler_custom_advanced_and_callbacks_count_al
 def test_offset_noise_off_is_bit_identical_to_random_noise(comfy, batch_index):
     from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
 
-    from supercond.nodes.schedules import SupercondOffsetNoise
+    from supercond.nodes.schedules.nodes import SupercondOffsetNoise
 
     latent = {"samples": torch.zeros(3, 4, 8, 8)}
     if batch_index is not None:
@@ -181,7 +181,7 @@ def test_epsilon_scaling_scales_exactly_the_noise_component(comfy, fixture_check
 
 
 def test_epsilon_scaling_linear_schedule_uses_sampling_time(eps):
-    from supercond.nodes.schedules_hook import EpsilonScaling
+    from supercond.nodes.schedules.hook import EpsilonScaling
 
     ms = eps.model.get_model_object("model_sampling")
     hook = EpsilonScaling(k=0.02, b=1.0)
@@ -195,7 +195,7 @@ def test_epsilon_scaling_linear_schedule_uses_sampling_time(eps):
 def test_schedule_sigmas_on_the_fixtures(comfy, fixture_checkpoints):
     import comfy_extras.nodes_custom_sampler as cs
 
-    from supercond.nodes.schedules import SupercondScheduleSigmas as S
+    from supercond.nodes.schedules.nodes import SupercondScheduleSigmas as S
 
     fam = family("eps", fixture_checkpoints)
     trailing = S.execute(fam.model, 10, "trailing", False, "as_scheduled", 136.0).result[0]
@@ -218,7 +218,7 @@ def test_schedule_sigmas_on_the_fixtures(comfy, fixture_checkpoints):
 
 
 def test_plot_sigmas_returns_an_image(comfy):
-    from supercond.nodes.schedules import SupercondPlotSigmas
+    from supercond.nodes.schedules.nodes import SupercondPlotSigmas
 
     a = torch.tensor([14.6, 5.0, 1.0, 0.0])
     b = torch.tensor([4518.0, 20.0, 0.5, 0.0])
@@ -233,7 +233,7 @@ def test_plot_sigmas_returns_an_image(comfy):
 def test_bad_input_gets_a_plain_message(comfy, fixture_checkpoints):
     import comfy.model_sampling as cms
 
-    from supercond.nodes.schedules import (
+    from supercond.nodes.schedules.nodes import (
         SupercondEpsilonScaling,
         SupercondOffsetNoise,
         SupercondScheduleSigmas,

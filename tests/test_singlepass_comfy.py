@@ -24,13 +24,13 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def new_head(model, head="projection"):
-    from supercond.nodes.singlepass import SupercondNewHead
+    from supercond.nodes.singlepass.nodes import SupercondNewHead
 
     return SupercondNewHead.execute(model, head).result[0]
 
 
 def single_pass(model, real_cfg_steps=0, negative="head"):
-    from supercond.nodes.singlepass import SupercondSinglePass
+    from supercond.nodes.singlepass.nodes import SupercondSinglePass
 
     return SupercondSinglePass.execute(model, real_cfg_steps, negative).result[0]
 
@@ -38,7 +38,7 @@ def single_pass(model, real_cfg_steps=0, negative="head"):
 def oracle(fam, negative):
     """A model whose head returns the diffusion model's own output for ``negative``."""
     from supercond.core.heads import SecondHead
-    from supercond.nodes import singlepass_hook as hook
+    from supercond.nodes.singlepass import hook
 
     base = hook.new_head(fam.model, "projection")
     net = fam.model.model.diffusion_model
@@ -168,7 +168,7 @@ def test_guider_for_sampler_custom_advanced(comfy, fixture_checkpoints, family):
     from comfy_extras.nodes_custom_sampler import BasicGuider, CFGGuider, Noise_RandomNoise
     from comfy_helpers import encode, load_family
 
-    from supercond.nodes.singlepass import SupercondSinglePassGuider
+    from supercond.nodes.singlepass.nodes import SupercondSinglePassGuider
 
     fam = load_family(family, fixture_checkpoints)
     pos, neg = encode(fam, "a red cube"), encode(fam, "")
@@ -216,8 +216,8 @@ def test_head_file_round_trip_and_misfits(comfy, fixture_checkpoints, tmp_path, 
     from comfy_helpers import encode, load_family, sample
 
     from supercond.core.heads import read_head_file, save_head
-    from supercond.nodes import singlepass as nodes_sp
-    from supercond.nodes import singlepass_hook as hook
+    from supercond.nodes.singlepass import hook
+    from supercond.nodes.singlepass import nodes as nodes_sp
 
     eps, v, flow = (load_family(n, fixture_checkpoints) for n in ("eps", "v", "flow"))
     folder = tmp_path / "supercond_heads"
@@ -257,8 +257,8 @@ def test_head_file_round_trip_and_misfits(comfy, fixture_checkpoints, tmp_path, 
 def test_single_pass_without_a_head_says_what_to_do(comfy, fixture_checkpoints):
     from comfy_helpers import load_family
 
-    from supercond.nodes.singlepass_hook import HookError
+    from supercond.nodes.errors import InputError
 
     fam = load_family("eps", fixture_checkpoints)
-    with pytest.raises(HookError, match="SupercondNewHead or SupercondLoadHead"):
+    with pytest.raises(InputError, match="SupercondNewHead or SupercondLoadHead"):
         single_pass(fam.model)

@@ -34,7 +34,7 @@ def data(fam, n=2, size=8, seed=0):
 
 
 def run(fam, latents, cond, **kw):
-    from supercond.nodes.train import SupercondTrainLoRA
+    from supercond.nodes.train.lora import SupercondTrainLoRA
 
     args = dict(steps=4, learning_rate=1e-3, rank=4, alpha=4.0, batch_size=1, grad_accumulation=1,
                 prediction="auto", loss_weighting="none", min_snr_gamma=5.0, cep_gamma=0.0,
@@ -159,7 +159,7 @@ def input_dir(comfy, tmp_path, monkeypatch):
 
 
 def load_dataset(fam, folder, **kw):
-    from supercond.nodes.dataset import SupercondLoadDataset
+    from supercond.nodes.train.dataset import SupercondLoadDataset
 
     args = dict(resolution=64, flip=True, random_crop=True, seed=0) | kw
     return SupercondLoadDataset.execute(folder, fam.clip, fam.vae, **args).result
@@ -341,7 +341,7 @@ def test_interrupt_between_micro_batches_stops_within_the_step(fixture_checkpoin
 def test_trains_on_latents_as_the_sampler_feeds_them(name, fixture_checkpoints, loras, monkeypatch):
     """A LATENT is the VAE's raw output; the model must see it scaled (SD1.x) or shifted and scaled
     (SD3) by process_latent_in, as a sampler feeds it."""
-    import supercond.nodes.train as train_node
+    import supercond.nodes.train.lora as train_node
 
     seen = {}
     real = train_node.Trainer

@@ -47,7 +47,7 @@ def prompts(fam):
 
 
 def train(fam, positive, negative=None, latent=None, **kw):
-    from supercond.nodes.train_head import SupercondTrainHead
+    from supercond.nodes.train.head import SupercondTrainHead
 
     args = dict(mode="distill", steps=4, learning_rate=1e-3, head="projection", lora_rank=0, cfg_min=3.0,
                 cfg_max=9.0, seed=0, save_every=0, filename_prefix="t/head", resume=False) | kw
@@ -59,7 +59,7 @@ def empty_latent(n=4, size=SIZE):
 
 
 def single_pass(model):
-    from supercond.nodes.singlepass import SupercondSinglePass
+    from supercond.nodes.singlepass.nodes import SupercondSinglePass
 
     return SupercondSinglePass.execute(model, 0, "head").result[0]
 
@@ -121,7 +121,7 @@ def distilled(fam, prompts, heads_dir):
 
 
 def test_distillation_lowers_the_single_pass_error_well_below_the_fresh_head(fam, prompts, distilled):
-    from supercond.nodes.singlepass import SupercondNewHead
+    from supercond.nodes.singlepass.nodes import SupercondNewHead
 
     pos, neg = prompts
     model = distilled[0]
@@ -176,7 +176,7 @@ def test_the_conditional_path_and_the_base_weights_are_unchanged(fam, prompts, d
 def test_saved_head_loads_with_load_head_and_reproduces_the_trained_model(fam, prompts, distilled, heads_dir):
     from pathlib import Path
 
-    from supercond.nodes.singlepass import SupercondLoadHead
+    from supercond.nodes.singlepass.nodes import SupercondLoadHead
 
     pos, neg = prompts
     model, path, plot, _ = distilled
@@ -219,7 +219,7 @@ def test_cancel_keeps_a_loadable_head(fam, prompts, heads_dir, monkeypatch):
     import comfy.model_management as mm
     import comfy.utils
 
-    from supercond.nodes.singlepass import SupercondLoadHead
+    from supercond.nodes.singlepass.nodes import SupercondLoadHead
 
     pos, neg = prompts
 
@@ -254,7 +254,7 @@ def rolled_at_step0(seed, n=4):
     """The batch order and rolled mask of step 0, drawn as core.head_train draws them."""
     from supercond.core import head_objective as ho
     from supercond.core import head_train as ht
-    from supercond.core.perturb import seeded_generator
+    from supercond.core.seeds import seeded_generator
 
     idx = ht.epoch_indices(n, n, 0, seed)
     _, rolled = ho.roll_captions(n, ho.GIST_FRACTION, seeded_generator(seed, ht._DRAW, 0))
@@ -274,7 +274,7 @@ def test_gist_trains_the_head_only_from_rolled_samples(fam, gist_data, heads_dir
     images of the non-rolled samples (whose conditional term is all they feed) leaves it bit-identical,
     while changing the rolled sample's image changes it."""
     from supercond.core.heads import head_state
-    from supercond.nodes import singlepass_hook as hook
+    from supercond.nodes.singlepass import hook
 
     latents, conds = gist_data
     seeds = {bool(rolled_at_step0(s)[1].any()): s for s in range(200)}
@@ -322,7 +322,7 @@ def test_bad_input_fails_clearly_before_writing_anything(fam, prompts, heads_dir
 
 
 def test_cfg_range_is_refused_when_the_prompt_is_queued(comfy):
-    from supercond.nodes.train_head import SupercondTrainHead
+    from supercond.nodes.train.head import SupercondTrainHead
 
     assert "must not be larger than cfg_max" in SupercondTrainHead.validate_inputs(cfg_min=9.0, cfg_max=3.0)
     assert SupercondTrainHead.validate_inputs(cfg_min=3.0, cfg_max=3.0) is True
@@ -331,12 +331,12 @@ def test_cfg_range_is_refused_when_the_prompt_is_queued(comfy):
 def test_a_head_of_the_other_type_or_a_checkpoint_that_does_not_fit_is_refused(fam, prompts, heads_dir):
     from safetensors import safe_open
 
-    from supercond.core.lora import save_atomic
-    from supercond.nodes.singlepass import SupercondNewHead
+    from supercond.core.files import save_atomic
+    from supercond.nodes.singlepass.nodes import SupercondNewHead
 
     pos, neg = prompts
     with_block = SupercondNewHead.execute(fam.model, "last_block").result[0]
-    from supercond.nodes.train_head import SupercondTrainHead
+    from supercond.nodes.train.head import SupercondTrainHead
 
     with pytest.raises(ValueError, match="already carries a last_block head"):
         SupercondTrainHead.execute(with_block, pos, "distill", 1, 1e-4, "projection", 0, 3.0, 9.0, 0, 0, "m/x",
@@ -354,7 +354,7 @@ def test_a_head_of_the_other_type_or_a_checkpoint_that_does_not_fit_is_refused(f
 
 def test_distillation_on_noised_latents_lowers_the_error_too(fam, prompts, gist_data, heads_dir):
     """With a LATENT of images (not an empty one) the states are those images noised at random sigmas."""
-    from supercond.nodes.singlepass import SupercondNewHead
+    from supercond.nodes.singlepass.nodes import SupercondNewHead
 
     pos, neg = prompts
     latents, _ = gist_data
@@ -375,7 +375,7 @@ def test_flow_model_heads_train_and_sample(comfy, fixture_checkpoints, heads_dir
     """The SD3 (MMDiT, flow) fixture: the capture points and the head's forward work in training too."""
     from comfy_helpers import encode, load_family
 
-    from supercond.nodes.train_head import SupercondTrainHead
+    from supercond.nodes.train.head import SupercondTrainHead
 
     flow = load_family("flow", fixture_checkpoints)
     pos, neg = encode(flow, "a red cube"), encode(flow, "")
@@ -410,7 +410,7 @@ def test_training_starts_from_the_head_the_model_carries(fam, prompts, distilled
     import comfy.utils
 
     from supercond.core.heads import head_state
-    from supercond.nodes import singlepass_hook as hook
+    from supercond.nodes.singlepass import hook
 
     pos, neg = prompts
     model, path, _, _ = distilled
@@ -423,7 +423,7 @@ def test_training_starts_from_the_head_the_model_carries(fam, prompts, distilled
 
 
 def _train_on(model, pos, neg):
-    from supercond.nodes.train_head import SupercondTrainHead
+    from supercond.nodes.train.head import SupercondTrainHead
 
     return SupercondTrainHead.execute(model, pos, "distill", 1, 1e-8, "last_block", 0, 3.0, 9.0, 0, 0, "s/head", False,
                                       negative=neg, latent=empty_latent()).result[1]
@@ -465,8 +465,8 @@ def test_gist_with_a_model_lora_trains_the_cond_output_on_non_rolled_samples_and
     stays bit-identical; with a rolled sample the head learns, from the rolled samples only (other images for
     the non-rolled ones: the same head, another LoRA), and a rolled sample's image changes both."""
     from supercond.core.heads import head_state
-    from supercond.nodes import singlepass_hook as hook
-    from supercond.nodes import train_model as tm
+    from supercond.nodes.singlepass import hook
+    from supercond.nodes.train import model as tm
 
     latents, conds = gist_data
     pos, neg = prompts
@@ -507,7 +507,7 @@ def test_gist_lora_loads_with_lora_loader_and_load_head_and_reproduces_the_outpu
     import nodes
     from safetensors import safe_open
 
-    from supercond.nodes.singlepass import SupercondLoadHead
+    from supercond.nodes.singlepass.nodes import SupercondLoadHead
 
     latents, conds = gist_data
     pos, neg = prompts

@@ -27,7 +27,7 @@ def main() -> None:
         raise SystemExit("ComfyUI not found: check it out to ~/comfy/ComfyUI or set COMFYUI_PATH (see README)")
     setup_comfy_imports(comfyui)  # supercond.nodes imports comfy_api
     from supercond.core.dataset import EXAMPLE_NAME
-    from supercond.nodes.dataset_files import write_example
+    from supercond.nodes.train.dataset_files import write_example
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", nargs="?", type=Path, default=Path.home() / "comfy/ComfyUI/input" / EXAMPLE_NAME)

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..core.dataset import EXAMPLE_NAME, DatasetError, content_key, list_pairs
-from ..core.perturb import seeded_generator
+from ...core.dataset import EXAMPLE_NAME, DatasetError, content_key, list_pairs
+from ...core.seeds import seeded_generator
+from ..inputs import MAX_SEED
 from .dataset_files import load_image, write_example
-from .inputs import MAX_SEED
 
 log = logging.getLogger("supercond")
 CACHE_VERSION = "1"
@@ -58,7 +58,7 @@ def _encode_text(clip, text: str) -> dict[str, torch.Tensor]:
 def _cached(path: Path, make) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from ..core.lora import save_atomic
+    from ...core.files import save_atomic
 
     if path.exists():
         try:

@@ -9,11 +9,11 @@ import math
 import torch
 from comfy_api.v0_0_2 import io, ui
 
-from ..core import noise as cnoise
-from ..core import schedules as sched
-from . import schedules_hook as hook
-from .inputs import MAX_SEED
-from .plots import line_plot
+from ...core import noise as cnoise
+from ...core import schedules as sched
+from ..inputs import MAX_SEED
+from ..plots import line_plot
+from . import hook
 
 log = logging.getLogger("supercond.schedules")
 

@@ -7,11 +7,12 @@ import math
 import torch
 from comfy_api.v0_0_2 import io, ui
 
-from ..core import perturb
-from . import perturb_hook as hook
-from .inputs import MAX_SEED, float_input
-from .model_time import TIME_BASES, sampling_time
-from .plots import line_plot
+from ...core import perturb
+from ...core.seeds import seeded_generator
+from ..inputs import MAX_SEED, float_input
+from ..model_time import TIME_BASES, sampling_time
+from ..plots import line_plot
+from . import hook
 
 CATEGORY = "supercond/conditioning"
 
@@ -58,13 +59,13 @@ class SupercondPerturbConditioning(io.ComfyNode):
                 raise ValueError(f"conditioning entry {i}: expected token embeddings [batch, tokens, width], got {shape}")
             extra = dict(extra)
             if apply_to in ("tokens", "both"):
-                tokens = perturb.apply_cep(tokens, gamma, distribution, scale, perturb.seeded_generator(seed, i, 0))
+                tokens = perturb.apply_cep(tokens, gamma, distribution, scale, seeded_generator(seed, i, 0))
             if apply_to in ("pooled", "both"):
                 pooled = extra.get("pooled_output")
                 if pooled is None:
                     raise ValueError(f"conditioning entry {i} has no pooled_output to perturb; set apply_to to tokens")
                 extra["pooled_output"] = perturb.apply_cep(pooled, gamma, distribution, scale,
-                                                           perturb.seeded_generator(seed, i, 1))
+                                                           seeded_generator(seed, i, 1))
             out.append([tokens, extra])
         return io.NodeOutput(out)
 

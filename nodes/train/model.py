@@ -12,16 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InputError
+
 log = logging.getLogger("supercond")
 
 # Embeddings and the in/out convs stay frozen, as in kohya's default LoRA/LoCon target set.
 _FROZEN = ("time_embed.", "label_emb.", "input_blocks.0.", "out.", "t_embedder.", "y_embedder.",
            "x_embedder.", "final_layer.", "context_embedder.", "pos_embed", "time_in.", "vector_in.",
            "guidance_in.", "img_in.", "txt_in.")
-
-
-class TrainInputError(ValueError):
-    """Bad trainer input: the message says what was wrong and what to do."""
 
 
 def auto_prediction(model: Any, choice: str) -> str:
@@ -31,11 +29,11 @@ def auto_prediction(model: Any, choice: str) -> str:
     kind = ("flow" if isinstance(sampling, ms.CONST) else "v" if isinstance(sampling, ms.V_PREDICTION)
             else "eps" if isinstance(sampling, ms.EPS) else None)
     if kind is None:
-        raise TrainInputError(f"this model's sampling ({type(sampling).__name__}) is not eps, v or flow")
+        raise InputError(f"this model's sampling ({type(sampling).__name__}) is not eps, v or flow")
     if choice == "auto":
         return kind
     if (choice == "flow") != (kind == "flow"):
-        raise TrainInputError(f"prediction {choice!r} does not fit this {kind} model: flow needs a flow model "
+        raise InputError(f"prediction {choice!r} does not fit this {kind} model: flow needs a flow model "
                               "and eps/v need a discrete (eps or v) model; use auto")
     return choice
 
@@ -68,7 +66,7 @@ def target_layers(model: Any) -> dict[str, nn.Module]:
         if isinstance(mod, (nn.Linear, nn.Conv2d)) and path in names and not path.startswith(_FROZEN):
             out[names[path]] = mod
     if not out:
-        raise TrainInputError("found no Linear or Conv2d layer with a LoRA key in this model")
+        raise InputError("found no Linear or Conv2d layer with a LoRA key in this model")
     return out
 
 

@@ -9,14 +9,17 @@ from pathlib import Path
 import torch
 from comfy_api.v0_0_2 import io, ui
 
-from ..core import objective
-from ..core.lora import LoRANetwork, kohya_metadata, save_atomic, torch_save_atomic
-from ..core.perturb import DISTRIBUTIONS, seeded_generator
-from ..core.train import TrainConfig, Trainer
-from . import train_model as tm
-from . import train_run
-from .inputs import MAX_SEED, float_input, int_input
-from .plots import line_plot
+from ...core import objective
+from ...core.files import save_atomic, torch_save_atomic
+from ...core.lora import LoRANetwork, kohya_metadata
+from ...core.perturb import DISTRIBUTIONS
+from ...core.seeds import seeded_generator
+from ...core.train import TrainConfig, Trainer
+from ..errors import InputError
+from ..inputs import MAX_SEED, float_input, int_input
+from ..plots import line_plot
+from . import model as tm
+from . import run as train_run
 
 log = logging.getLogger("supercond")
 CATEGORY = "supercond/training"
@@ -28,7 +31,7 @@ def conds_from(conditioning: list) -> tuple[list[dict], dict | None]:
     rows, empty = [], None
     for i, (tokens, extra) in enumerate(conditioning):
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
-            raise tm.TrainInputError(f"conditioning entry {i} is not token embeddings [batch, tokens, width]")
+            raise InputError(f"conditioning entry {i} is not token embeddings [batch, tokens, width]")
         pooled = extra.get("pooled_output")
         for b in range(tokens.shape[0]):
             row = {"cross_attn": tokens[b:b + 1]}

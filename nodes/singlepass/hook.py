@@ -27,18 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core import heads as core_heads
-from ..core.singlepass import blend, split_doubled, step_index
+from ...core import heads as core_heads
+from ...core.singlepass import blend, split_doubled, step_index
+from ..errors import InputError
 
 log = logging.getLogger("supercond.singlepass")
 
 KEY = "supercond.singlepass"
 ATTACHMENT = "supercond_head"
 NEGATIVE_MODES: tuple[str, ...] = ("head", "real_cfg")
-
-
-class HookError(ValueError):
-    """The MODEL, head or conditioning cannot be served; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +57,7 @@ def arch_of(net: nn.Module) -> Arch:
     for cls in type(net).__mro__:
         if cls.__name__ in ARCHS:
             return ARCHS[cls.__name__]
-    raise HookError(f"single-pass heads support {sorted(ARCHS)} diffusion models; this one is {type(net).__name__}")
+    raise InputError(f"single-pass heads support {sorted(ARCHS)} diffusion models; this one is {type(net).__name__}")
 
 
 def resolve(net: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -91,7 +88,7 @@ def model_spec(model: Any, head_type: str) -> core_heads.HeadSpec:
     net = bm.diffusion_model
     arch = arch_of(net)
     if head_type == "last_block" and arch.block is None:
-        raise HookError(f"a last_block head is not available for {arch.name} models; use head = projection")
+        raise InputError(f"a last_block head is not available for {arch.name} models; use head = projection")
     features = arch.final if head_type == "projection" else arch.block
     if arch.name == "unet":
         entry = net.out[0] if head_type == "projection" else resolve(net, arch.block_entry)[0]
@@ -129,7 +126,7 @@ def _base_copy(model: Any, path: str) -> nn.Module:
 def new_head(model: Any, head_type: str) -> core_heads.SecondHead:
     """A fresh head: copies of the base weights, so it predicts the conditional output (delta 0)."""
     if head_type not in core_heads.HEAD_TYPES:
-        raise HookError(f"head must be one of {list(core_heads.HEAD_TYPES)}, got {head_type!r}")
+        raise InputError(f"head must be one of {list(core_heads.HEAD_TYPES)}, got {head_type!r}")
     spec = model_spec(model, head_type)
     arch = arch_of(model.model.diffusion_model)
     block = _base_copy(model, arch.block) if head_type == "last_block" else None
@@ -142,7 +139,7 @@ def head_from_file(model: Any, path: str, name: str | None = None) -> core_heads
     want = model_spec(model, spec.head_type)
     misfit = spec.misfit(want)
     if misfit:
-        raise HookError(f"head {name} does not fit this model ({want.family}, {want.prediction}): {misfit}")
+        raise InputError(f"head {name} does not fit this model ({want.family}, {want.prediction}): {misfit}")
     return core_heads.load_state(new_head(model, spec.head_type), tensors, where=name)
 
 
@@ -272,7 +269,7 @@ class SinglePassHook:
         mp = guider.model_patcher
         head, native = head_of(mp), native_two_head(mp)
         if head is None and not native:
-            raise HookError("no single-pass head on this MODEL: put SupercondNewHead or SupercondLoadHead "
+            raise InputError("no single-pass head on this MODEL: put SupercondNewHead or SupercondLoadHead "
                             "before SupercondSinglePass (or load a checkpoint trained with doubled output channels)")
         bm = mp.model
         run = RunState(self.config, sigmas.detach().float().cpu(), head, arch_of(bm.diffusion_model), native,
@@ -327,7 +324,7 @@ class SinglePassHook:
                 continue
             chunk = run.filed.pop(p.uuid, None)
             if chunk is None:
-                raise HookError("single-pass: the head produced no prediction for a conditioning entry (another "
+                raise InputError("single-pass: the head produced no prediction for a conditioning entry (another "
                                 "node changed how ComfyUI batches the model call)")
             parts.append((chunk, p.mult, p.area))
         return blend(x_in, parts)
@@ -376,12 +373,12 @@ def patch_model(model: Any, config: SinglePassConfig) -> Any:
     import comfy.patcher_extension as pe
 
     if not hasattr(model, "add_wrapper_with_key"):
-        raise HookError(f"expected a ComfyUI MODEL (ModelPatcher), got {type(model).__name__}")
+        raise InputError(f"expected a ComfyUI MODEL (ModelPatcher), got {type(model).__name__}")
     if config.negative not in NEGATIVE_MODES:
-        raise HookError(f"negative must be one of {list(NEGATIVE_MODES)}, got {config.negative!r}")
+        raise InputError(f"negative must be one of {list(NEGATIVE_MODES)}, got {config.negative!r}")
     arch_of(model.model.diffusion_model)
     if head_of(model) is None and not native_two_head(model):
-        raise HookError("this MODEL has no single-pass head: connect it through SupercondNewHead or "
+        raise InputError("this MODEL has no single-pass head: connect it through SupercondNewHead or "
                         "SupercondLoadHead first (a checkpoint with doubled output channels needs none)")
     m = model.clone()
     hook = SinglePassHook(config)

@@ -20,19 +20,21 @@ from typing import Any
 import torch
 from comfy_api.v0_0_2 import io, ui
 
-from ..core import head_objective as ho
-from ..core import heads as core_heads
-from ..core.head_train import HeadTrainConfig, HeadTrainer, TrajectoryPool, merged_state
-from ..core.lora import LoRANetwork, kohya_metadata, save_atomic, torch_save_atomic
-from ..core.perturb import seeded_generator
-from ..core.train import batch_cond
-from . import singlepass_hook as hook
-from . import train_model as tm
-from . import train_run
-from .inputs import MAX_SEED, float_input, int_input
-from .plots import line_plot
-from .singlepass import CATEGORY, FOLDER
-from .train import conds_from
+from ...core import head_objective as ho
+from ...core import heads as core_heads
+from ...core.files import save_atomic, torch_save_atomic
+from ...core.head_train import HeadTrainConfig, HeadTrainer, TrajectoryPool, merged_state
+from ...core.lora import LoRANetwork, kohya_metadata
+from ...core.seeds import seeded_generator
+from ...core.train import batch_cond
+from ..errors import InputError
+from ..inputs import MAX_SEED, float_input, int_input
+from ..plots import line_plot
+from ..singlepass import hook
+from ..singlepass.nodes import CATEGORY, FOLDER
+from . import model as tm
+from . import run as train_run
+from .lora import conds_from
 
 log = logging.getLogger("supercond")
 BATCH = 4           # samples per step (chains in the trajectory pool when no LATENT sets it)
@@ -41,22 +43,18 @@ TRAJ_LATENT = 32    # latent side of the trajectories when no LATENT sets it (25
 _HEAD_LORA_SEED, _MODEL_LORA_SEED = 0x4EAD, 0xBA5E  # streams of the LoRA inits (head's, model's)
 
 
-class HeadInputError(ValueError):
-    """Bad head-training input: the message says what was wrong and what to do."""
-
-
 def conditioning_rows(value: Any, name: str) -> tuple[list[dict], dict | None]:
     """Per-prompt cond rows of a CONDITIONING input (and SupercondLoadDataset's empty prompt), or a clear error."""
     ok = isinstance(value, list) and value and all(
         isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], torch.Tensor) and isinstance(e[1], dict)
         for e in value)
     if not ok:
-        raise HeadInputError(f"{name} is not a CONDITIONING (a list of [embedding, options] pairs, e.g. from "
+        raise InputError(f"{name} is not a CONDITIONING (a list of [embedding, options] pairs, e.g. from "
                              f"CLIPTextEncode); got {type(value).__name__}. Connect a CONDITIONING output to {name}")
     try:
         return conds_from(value)
-    except tm.TrainInputError as e:
-        raise HeadInputError(f"{name}: {e}") from None
+    except InputError as e:
+        raise InputError(f"{name}: {e}") from None
 
 
 def _take(obj: Any, rows: int | None, total: int, detach: bool = True) -> Any:
@@ -127,7 +125,7 @@ def starting_head(model: Any, head_type: str) -> core_heads.SecondHead:
     if have is None:
         return fresh
     if have.spec.head_type != head_type:
-        raise HeadInputError(f"the MODEL already carries a {have.spec.head_type} head (from SupercondNewHead or "
+        raise InputError(f"the MODEL already carries a {have.spec.head_type} head (from SupercondNewHead or "
                              f"SupercondLoadHead) but head is {head_type!r}: set head to {have.spec.head_type!r}, "
                              "or connect the MODEL without that node")
     return core_heads.load_state(fresh, core_heads.head_state(have), where="the MODEL's head")
@@ -141,11 +139,11 @@ def gist_captions(rows: list[dict], n: int) -> torch.Tensor:
                    for d in distinct):
             distinct.append(r)
     if n < 2 or len(distinct) < 2:
-        raise HeadInputError(f"gist mode with a batch of one caption: nothing to roll ({n} latents, "
+        raise InputError(f"gist mode with a batch of one caption: nothing to roll ({n} latents, "
                              f"{len(distinct)} distinct captions). Give at least 2 latents with different captions "
                              "(e.g. SupercondLoadDataset), or use mode distill")
     if len(rows) != n:
-        raise HeadInputError(f"gist mode needs one caption per latent: {n} latents but {len(rows)} conditionings")
+        raise InputError(f"gist mode needs one caption per latent: {n} latents but {len(rows)} conditionings")
     return torch.arange(n)
 
 
@@ -242,11 +240,11 @@ class SupercondTrainHead(io.ComfyNode):
         try:
             cfg.validate()
         except ho.HeadTrainError as e:
-            raise HeadInputError(str(e)) from None
+            raise InputError(str(e)) from None
         if head not in core_heads.HEAD_TYPES:
-            raise HeadInputError(f"head must be one of {list(core_heads.HEAD_TYPES)}, got {head!r}")
+            raise InputError(f"head must be one of {list(core_heads.HEAD_TYPES)}, got {head!r}")
         if lora_rank < 0:
-            raise HeadInputError(f"lora_rank must be >= 0, got {lora_rank}")
+            raise InputError(f"lora_rank must be >= 0, got {lora_rank}")
         stem = train_run.prefix_path(folder_paths.get_folder_paths(FOLDER)[0], filename_prefix, FOLDER)
         train_run.check_writable(stem.parent, "head files")
         lora_stem = None
@@ -306,23 +304,23 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
 
     model_lora = cfg.mode == "gist" and lora_rank > 0
     if model_lora and lora_stem is None:
-        raise HeadInputError("gist mode with lora_rank > 0 saves a LoRA of the model: give it a place (lora_stem)")
+        raise InputError("gist mode with lora_rank > 0 saves a LoRA of the model: give it a place (lora_stem)")
 
     pos_rows, empty = conditioning_rows(positive, "positive")
     neg_row = None
     if cfg.mode == "distill":
         neg_rows = conditioning_rows(negative, "negative")[0] if negative is not None else [empty] if empty else []
         if not neg_rows:
-            raise HeadInputError("distill mode needs the conditioning whose prediction the head learns: connect a "
+            raise InputError("distill mode needs the conditioning whose prediction the head learns: connect a "
                                  "CLIPTextEncode of an empty prompt ('') to negative")
         if len(neg_rows) > 1:
-            raise HeadInputError(f"negative holds {len(neg_rows)} prompts; the head learns one: connect a single "
+            raise InputError(f"negative holds {len(neg_rows)} prompts; the head learns one: connect a single "
                                  "CLIPTextEncode (an empty prompt)")
         neg_row = neg_rows[0]
     captions = None
     if cfg.mode == "gist":
         if latent is None:
-            raise HeadInputError("gist mode trains on images: connect a LATENT (e.g. SupercondLoadDataset) with one "
+            raise InputError("gist mode trains on images: connect a LATENT (e.g. SupercondLoadDataset) with one "
                                  "caption per latent")
         captions = gist_captions(pos_rows, latent["samples"].shape[0])
         cfg.batch_size = min(BATCH, latent["samples"].shape[0])
@@ -409,8 +407,8 @@ def _resume(mp: Any, trainer: HeadTrainer, stem: Path) -> None:
     try:
         hook.head_from_file(mp, found[0], name=found[0].name)  # the file must fit this model
         trainer.load_state_dict(torch.load(tm.state_file(found[0]), weights_only=True))
-    except (hook.HookError, core_heads.HeadFileError, ho.HeadTrainError) as e:
-        raise HeadInputError(f"cannot resume from {found[0]}: {e}. Use another filename_prefix or switch resume "
+    except (InputError, core_heads.HeadFileError, ho.HeadTrainError) as e:
+        raise InputError(f"cannot resume from {found[0]}: {e}. Use another filename_prefix or switch resume "
                              "off") from None
     log.info("supercond: resumed %s at step %d", found[0].name, trainer.step)
 

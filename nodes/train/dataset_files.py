@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.dataset import DatasetError, example_images
+from ...core.dataset import DatasetError, example_images
+from ...core.files import write_atomic
 
 
 def load_image(path: Path) -> torch.Tensor:
@@ -24,15 +25,14 @@ def load_image(path: Path) -> torch.Tensor:
 
 
 def write_example(folder: Path) -> Path:
-    """Write the built-in example set (PNG + .txt), through temporary names so a half set never stays."""
+    """Write the built-in example set (PNG + .txt), each file atomically."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, (img, caption) in enumerate(example_images()):
         stem = folder / f"example_{i:02d}"
         arr = (img.numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(arr).save(stem.with_suffix(".tmp.png"))
-        stem.with_suffix(".tmp.txt").write_text(caption + "\n", encoding="utf-8")
-        stem.with_suffix(".tmp.txt").replace(stem.with_suffix(".txt"))
-        stem.with_suffix(".tmp.png").replace(stem.with_suffix(".png"))
+        # Caption first: an image never sits there without its caption.
+        write_atomic(stem.with_suffix(".txt"), ".txt", lambda tmp, c=caption: Path(tmp).write_text(c + "\n", encoding="utf-8"))
+        write_atomic(stem.with_suffix(".png"), ".png", lambda tmp, a=arr: Image.fromarray(a).save(tmp, format="PNG"))
     return folder

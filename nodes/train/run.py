@@ -12,15 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..core.train import NaNLoss, TrainError
-from .events import LossEvents, progress_text
+from ...core.train import NaNLoss, TrainError
+from ..errors import InputError
+from ..events import LossEvents, progress_text
 
 log = logging.getLogger("supercond")
 Saved = TypeVar("Saved", bound=tuple)  # (path of the saved file, anything else the caller wants back)
-
-
-class RunInputError(ValueError):
-    """A file location a trainer may not use: the message says why and what to do."""
 
 
 def prefix_path(root: str | Path, prefix: str, folder: str) -> Path:
@@ -28,10 +25,10 @@ def prefix_path(root: str | Path, prefix: str, folder: str) -> Path:
     a prefix that would leave that folder is refused."""
     root = Path(root).resolve()
     if not prefix or prefix.strip() != prefix or Path(prefix).is_absolute():
-        raise RunInputError(f"filename_prefix {prefix!r} must be a relative path like 'supercond/my_file'")
+        raise InputError(f"filename_prefix {prefix!r} must be a relative path like 'supercond/my_file'")
     stem = (root / prefix).resolve()
     if os.path.commonpath([root, stem]) != str(root) or stem == root:
-        raise RunInputError(f"filename_prefix {prefix!r} would write outside the {folder} folder {root}")
+        raise InputError(f"filename_prefix {prefix!r} would write outside the {folder} folder {root}")
     return stem
 
 
@@ -42,7 +39,7 @@ def check_writable(folder: Path, what: str) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise RunInputError(f"cannot write {what} to {folder}: {e}") from e
+        raise InputError(f"cannot write {what} to {folder}: {e}") from e
 
 
 _CHECKPOINT = re.compile(r"^(?P<stem>.+)_(?P<step>\d{6})\.safetensors$")

@@ -9,8 +9,8 @@ import comfy.samplers
 import folder_paths
 from comfy_api.v0_0_2 import io
 
-from ..core import heads as core_heads
-from . import singlepass_hook as hook
+from ...core import heads as core_heads
+from . import hook
 
 log = logging.getLogger("supercond.singlepass")
 

@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 
-from ..core import perturb
-from .model_time import sampling_time
+from ...core import perturb
+from ...core.seeds import seeded_generator
+from ..errors import InputError
+from ..model_time import sampling_time
 
 log = logging.getLogger("supercond.perturb")
 
@@ -29,10 +31,6 @@ BRANCHES: tuple[str, ...] = ("positive", "negative", "both")
 APPLY_TO: tuple[str, ...] = ("tokens", "pooled", "both")
 
 WRAPPER_KEY = "supercond.perturb"
-
-
-class HookError(ValueError):
-    """The patched MODEL or its conditioning cannot be served; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +125,7 @@ class PerturbHook:
             draw = call if cfg.resample == "every_step" else 0
 
             def cep(t: torch.Tensor, where: tuple[int, int, int]) -> torch.Tensor:
-                gen = perturb.seeded_generator(state.seed, cfg.seed_offset, salt, draw, *where)
+                gen = seeded_generator(state.seed, cfg.seed_offset, salt, draw, *where)
                 return perturb.apply_cep(t, cfg.gamma, cfg.distribution, cfg.scale, gen)
 
             return cep
@@ -136,7 +134,7 @@ class PerturbHook:
             return None
 
         def cads(t: torch.Tensor, where: tuple[int, int, int]) -> torch.Tensor:
-            gen = perturb.seeded_generator(state.seed, cfg.seed_offset, salt, call, *where)
+            gen = seeded_generator(state.seed, cfg.seed_offset, salt, call, *where)
             return perturb.apply_cads(t, g, cfg.noise_scale, cfg.psi, gen)
 
         return cads
@@ -161,13 +159,13 @@ def perturb_entry(entry: dict, apply_to: str, rows: int,
     if apply_to in ("tokens", "both"):
         ca = mc.get("c_crossattn")
         if ca is None:
-            raise HookError(
+            raise InputError(
                 "this model takes no text cross-attention conditioning ('c_crossattn'), so there "
                 "are no tokens to perturb; use a text-to-image model or set apply_to to pooled."
             )
         tokens = ca.cond
         if tokens.dim() != 3:
-            raise HookError(f"expected token conditioning of shape [batch, tokens, width], got {list(tokens.shape)}")
+            raise InputError(f"expected token conditioning of shape [batch, tokens, width], got {list(tokens.shape)}")
         if not torch.count_nonzero(tokens):
             return entry  # a zeroed-out prompt means "no prompt": leave it alone
         new_mc["c_crossattn"] = ca._copy_with(fn(_to_rows(tokens, rows), 0))
@@ -175,7 +173,7 @@ def perturb_entry(entry: dict, apply_to: str, rows: int,
         y = mc.get("y")
         pooled = entry.get("pooled_output")
         if y is None or pooled is None:
-            raise HookError(
+            raise InputError(
                 "this model does not use a pooled text embedding (SD1.x has none); set apply_to to tokens."
             )
         width = pooled.shape[-1]
@@ -201,9 +199,9 @@ def patch_model(model: Any, config: Config) -> Any:
     import comfy.patcher_extension as pe
 
     if not hasattr(model, "add_wrapper_with_key"):
-        raise HookError(f"expected a ComfyUI MODEL (ModelPatcher), got {type(model).__name__}")
+        raise InputError(f"expected a ComfyUI MODEL (ModelPatcher), got {type(model).__name__}")
     if not hasattr(model.get_model_object("model_sampling"), "percent_to_sigma"):
-        raise HookError("this MODEL has no model_sampling with percent_to_sigma; it cannot be scheduled")
+        raise InputError("this MODEL has no model_sampling with percent_to_sigma; it cannot be scheduled")
     m = model.clone()
     hook = PerturbHook(config)
     m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, hook.outer_sample)

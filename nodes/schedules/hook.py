@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from ..core import schedules as sched
-from .model_time import time_from_sigma
+from ...core import schedules as sched
+from ..errors import InputError
+from ..model_time import time_from_sigma
 
 log = logging.getLogger("supercond.schedules")
 
@@ -25,18 +26,14 @@ NC_KEY = "supercond.noise_correction"
 ES_KEY = "supercond.epsilon_scaling"
 
 
-class HookError(ValueError):
-    """The MODEL cannot be served; the message says why in plain words."""
-
-
 def prediction_kind(model_sampling: Any) -> str:
-    """eps | v | x0 | flow, from ComfyUI's model_sampling class; HookError for anything else."""
+    """eps | v | x0 | flow, from ComfyUI's model_sampling class; InputError for anything else."""
     import comfy.model_sampling as ms
 
     if isinstance(model_sampling, ms.CONST):
         return "flow"
     if isinstance(model_sampling, ms.IMG_TO_IMG) or not isinstance(model_sampling, ms.EPS):
-        raise HookError(
+        raise InputError(
             f"this MODEL's sampling type ({type(model_sampling).__name__}) is neither eps, v-prediction, "
             "x0 nor rectified flow; Supercond's schedule patches cannot serve it.")
     if isinstance(model_sampling, ms.V_PREDICTION):
@@ -50,7 +47,7 @@ def geometry(kind: str) -> str:
 
 def check_model(model: Any) -> tuple[Any, str]:
     if not hasattr(model, "add_wrapper_with_key"):
-        raise HookError(f"expected a ComfyUI MODEL (ModelPatcher), got {type(model).__name__}")
+        raise InputError(f"expected a ComfyUI MODEL (ModelPatcher), got {type(model).__name__}")
     ms = model.get_model_object("model_sampling")
     return ms, prediction_kind(ms)
 

@@ -1,0 +1,1 @@
+"""Conditioning perturbation: CEP and CADS nodes (nodes.py) and their sampling-time wrappers (hook.py)."""

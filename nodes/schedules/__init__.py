@@ -1,0 +1,1 @@
+"""Noise-correction schedules: nodes (nodes.py) and their MODEL wrappers (hook.py)."""
