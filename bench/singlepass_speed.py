@@ -54,19 +54,15 @@ def forward_run(model, pos, size: int, batch: int):
 
 def head_run(model, head_type: str, pos, size: int):
     """The head alone on features captured from one real forward (what it adds per call)."""
+    from supercond.nodes import family as fm
     from supercond.nodes.singlepass import hook
 
     head = hook.new_head(model, head_type)
     net = model.model.diffusion_model
-    arch = hook.arch_of(net)
-    cap = hook.Capture()
-    handles = [net.register_forward_pre_hook(cap.hook("net"), with_kwargs=True),
-               hook.resolve(net, arch.final)[0].register_forward_pre_hook(cap.hook("final"), with_kwargs=True),
-               hook.resolve(net, arch.block_entry)[0].register_forward_pre_hook(cap.hook("block"), with_kwargs=True)]
-    forward_run(model, pos, size, 1)()
-    for h in handles:
-        h.remove()
-    return lambda: hook.run_head(head, arch, net, cap)
+    tail = fm.family_of(model, "bench").tail
+    with hook.capturing(net, tail, final=True, block=True) as cap:
+        forward_run(model, pos, size, 1)()
+    return lambda: hook.run_head(head, tail, net, cap)
 
 
 def variants(model, pos, neg, size: int, steps: int) -> dict:

@@ -68,6 +68,7 @@ def main() -> None:
     from comfy_extras.nodes_train import TrainLoraNode
 
     from supercond.core.lora import LoRANetwork
+    from supercond.nodes import family as fm
     from supercond.nodes.train import model as tm
     from supercond.nodes.train.lora import SupercondTrainLoRA
 
@@ -95,11 +96,11 @@ def main() -> None:
             mm.load_models_gpu([mp], force_full_load=True)
             dev = mp.load_device
             tm.materialize_weights(mp.model.diffusion_model)
-            den = tm.denoiser(mp, dev)
-            ctx = {"cross_attn": cond[0][0].to(dev)}
+            den = fm.ModelCall(mp, dev)
+            ctx = [{"cross_attn": cond[0][0].to(dev)}]
             x = lat["samples"].to(dev, copy=True)
             s = torch.tensor([1.0], device=dev)
-            net = LoRANetwork(tm.target_layers(mp), args.rank, float(args.rank), torch.Generator().manual_seed(0), dev)
+            net = LoRANetwork(fm.lora_layers(mp, "bench"), args.rank, float(args.rank), torch.Generator().manual_seed(0), dev)
             with net.attached() if with_lora else nullcontext():
                 if not with_lora:
                     x.requires_grad_(True)  # input grad: every layer backpropagates

@@ -78,6 +78,17 @@ class HeadSpec:
         return "; ".join(diffs) or None
 
 
+class Chain(nn.ModuleList):
+    """Modules applied in sequence, the first with the captured arguments (Qwen-Image's final projection
+    is ``proj_out(norm_out(x, temb))``)."""
+
+    def forward(self, *args, **kwargs):
+        out = self[0](*args, **kwargs)
+        for mod in self[1:]:
+            out = mod(out)
+        return out
+
+
 class SecondHead(nn.Module):
     """``final``: a copy of the final projection; ``block``: a copy of the last block (last_block heads)."""
 

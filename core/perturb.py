@@ -6,7 +6,8 @@ takes an explicit ``torch.Generator`` so callers never touch the global RNG.
 Conventions
 - A token tensor has shape [B, T, D]; a pooled tensor [B, P]. ``segments`` splits the last axis
   into encoder segments (SDXL's cross-attention is CLIP-L 768 | CLIP-G 1280); each segment is
-  scaled by its own width.
+  scaled by its own width. Which segments a model's embeddings have is the caller's knowledge
+  (the model adapter in nodes/); without ``segments`` the whole axis is one segment.
 - Exact zeros are padding (SD3 pads CLIP features with zeros, ConditioningZeroOut is all
   zeros): they are never perturbed, and they do not count towards the width ``d``.
 """
@@ -25,17 +26,8 @@ ScaleMode = Literal["paper", "relative"]
 DISTRIBUTIONS: tuple[str, ...] = ("uniform", "gaussian")
 SCALE_MODES: tuple[str, ...] = ("paper", "relative")
 
-# Known concatenations of text-encoder widths along the feature axis.
-_SEGMENTS_BY_WIDTH: dict[int, tuple[int, ...]] = {2048: (768, 1280)}
-
-
 class PerturbError(ValueError):
     """Bad input to a perturbation: the message says what was wrong and what to do."""
-
-
-def segments_for_width(width: int) -> tuple[int, ...]:
-    """Encoder segments of a feature axis of this width (one segment unless known)."""
-    return _SEGMENTS_BY_WIDTH.get(width, (width,))
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
@@ -100,7 +92,7 @@ def cep_delta(
         raise PerturbError(f"gamma must be a finite number >= 0, got {gamma}")
     check_finite(x, "the conditioning")
     width = x.shape[-1]
-    segments = tuple(segments) if segments else segments_for_width(width)
+    segments = tuple(segments) if segments else (width,)
     if sum(segments) != width:
         raise PerturbError(f"segments {segments} do not add up to the feature width {width}")
     noise = unit_noise(x.shape, distribution, generator).to(x.device)

@@ -1,7 +1,8 @@
 """The LoRA training loop, pure torch: batches, regularizers, loss, optimizer, resumable state.
 
-The model is a closure ``denoise(x_in, sigma, cond) -> x0_hat`` (the node wraps ComfyUI's
-``apply_model``), so this file knows nothing about ComfyUI. Every random draw comes from a private
+The model is a closure ``denoise(x_in, sigma, rows) -> x0_hat`` with one cond row per latent (the
+node wraps ComfyUI's ``apply_model`` and batches the rows as its sampler would), so this file knows
+nothing about ComfyUI. Every random draw comes from a private
 generator seeded from (seed, step, micro-step, stream), so step k is the same whether the run
 started at 0 or resumed at k, and each regularizer has its own stream: switching one on changes
 only what it should.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -20,8 +22,10 @@ from .noise import row_generators, structure_noise
 from .perturb import DISTRIBUTIONS, apply_cep
 from .seeds import seeded_generator
 
-Cond = dict[str, torch.Tensor]  # e.g. {"cross_attn": [1, T, D], "pooled_output": [1, P]}
-Denoise = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
+Cond = dict[str, Any]  # one prompt, e.g. {"cross_attn": [1, T, D], "pooled_output": [1, P], "guidance": 3.5}
+Denoise = Callable[[torch.Tensor, torch.Tensor, Sequence[Cond]], torch.Tensor]
+# The text parts of a row that CEP perturbs, and their encoder segments (None: one segment).
+TEXT_PARTS: dict[str, tuple[int, ...] | None] = {"cross_attn": None, "pooled_output": None}
 
 # Streams of the per-step generators.
 _MAIN, _PERM, _IP, _CEP, _DROP, _STRUCT = range(6)
@@ -92,14 +96,20 @@ class Batch:
     x_in: torch.Tensor  # the model input (input perturbation included)
     sigma: torch.Tensor
     target: torch.Tensor
-    cond: Cond
+    cond: list[Cond]  # one row per latent
 
 
 def batch_cond(conds: Sequence[Cond]) -> Cond:
-    """Stack per-sample conds; token axes of different lengths are repeated to their LCM (as ComfyUI)."""
+    """Stack per-sample conds' tensors; token axes of different lengths are repeated to their LCM (as
+    ComfyUI does for cross-attention). Other values must agree across the rows."""
     out: Cond = {}
     for key in conds[0]:
         parts = [c[key] for c in conds]
+        if not isinstance(parts[0], torch.Tensor):
+            if any(p != parts[0] for p in parts[1:]):
+                raise TrainError(f"the prompts of one batch disagree on {key!r}: use batch_size 1")
+            out[key] = parts[0]
+            continue
         if parts[0].dim() == 3 and len({p.shape[1] for p in parts}) > 1:
             lcm = math.lcm(*(p.shape[1] for p in parts))
             parts = [p.repeat(1, lcm // p.shape[1], 1) for p in parts]
@@ -123,7 +133,8 @@ def epoch_indices(n: int, batch: int, first: int, seed: int) -> torch.Tensor:
 class Trainer:
     def __init__(self, cfg: TrainConfig, params: Sequence[torch.nn.Parameter], denoise: Denoise,
                  sigmas: torch.Tensor, latents: torch.Tensor, conds: Sequence[Cond],
-                 empty_cond: Cond | None = None, device: torch.device | str = "cpu") -> None:
+                 empty_cond: Cond | None = None, device: torch.device | str = "cpu",
+                 text_parts: Mapping[str, tuple[int, ...] | None] | None = None) -> None:
         cfg.validate()
         n = latents.shape[0]
         if n == 0:
@@ -140,8 +151,9 @@ class Trainer:
         self.denoise = denoise
         self.sigmas = sigmas.detach().float().cpu()
         self.latents = latents.detach().float().cpu()
-        self.conds = [{k: v.detach().float().cpu() for k, v in c.items()} for c in conds]
-        self.empty = {k: v.detach().float().cpu() for k, v in empty_cond.items()} if empty_cond else None
+        self.conds = [_stored(c) for c in conds]
+        self.empty = _stored(empty_cond) if empty_cond else None
+        self.text_parts = dict(TEXT_PARTS if text_parts is None else text_parts)
         self.device = torch.device(device)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=0.0)
         self.step = 0  # optimizer steps done
@@ -169,23 +181,23 @@ class Trainer:
             model_noise = noise + cfg.input_perturbation * xi
         x_in = obj.noisy_input(cfg.prediction, x0, model_noise, sigma)
         target = obj.native_target(cfg.prediction, x0, noise, sigma)
-        cond = self._cond(idx, step, micro)
+        rows = self._cond(idx, step, micro)
         dev = self.device
         return Batch(idx, x0.to(dev), noise.to(dev), x_in.to(dev), sigma.to(dev), target.to(dev),
-                     {k: v.to(dev) for k, v in cond.items()})
+                     [_on(r, dev) for r in rows])
 
-    def _cond(self, idx: torch.Tensor, step: int, micro: int) -> Cond:
+    def _cond(self, idx: torch.Tensor, step: int, micro: int) -> list[Cond]:
         cfg = self.cfg
         rows = [self.conds[i if len(self.conds) > 1 else 0] for i in idx.tolist()]
         if cfg.caption_dropout > 0:
             drop = torch.rand(len(rows), generator=seeded_generator(cfg.seed, _DROP, step, micro))
             rows = [self.empty if d < cfg.caption_dropout else r for r, d in zip(rows, drop.tolist(), strict=True)]
-        cond = batch_cond(rows)
-        if cfg.cep_gamma > 0:  # after dropout, as in OneTrainer #1235; training only
+        if cfg.cep_gamma > 0:  # after dropout, as in OneTrainer #1235; training only; one stream, row by row
             g = seeded_generator(cfg.seed, _CEP, step, micro)
-            cond = {k: apply_cep(v, cfg.cep_gamma, cfg.cep_distribution, "paper", g)
-                    if k in ("cross_attn", "pooled_output") else v for k, v in cond.items()}
-        return cond
+            rows = [{k: apply_cep(v, cfg.cep_gamma, cfg.cep_distribution, "paper", g, self.text_parts[k])
+                     if k in self.text_parts and isinstance(v, torch.Tensor) else v for k, v in r.items()}
+                    for r in rows]
+        return rows
 
     # -- loss and step ---------------------------------------------------------------------------
     def loss(self, b: Batch) -> torch.Tensor:
@@ -237,3 +249,13 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.losses = [float(x) for x in state["losses"]]
+
+
+def _stored(row: Cond) -> Cond:
+    """A row kept for the whole run: float tensors on the CPU, detached; other values as they are."""
+    return {k: v.detach().float().cpu() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in row.items()}
+
+
+def _on(row: Cond, device: torch.device) -> Cond:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in row.items()}

@@ -50,9 +50,18 @@ def test_gaussian_noise_has_std_gamma_over_sqrt_d(gamma):
 
 def test_sdxl_width_is_scaled_per_encoder_segment():
     x = embedding(d=2048)
-    delta = perturb.apply_cep(x, 1.0, "uniform", "paper", gen()) - x
+    delta = perturb.apply_cep(x, 1.0, "uniform", "paper", gen(), segments=(768, 1280)) - x
     assert delta[..., :768].abs().max() == pytest.approx(1 / math.sqrt(768), rel=1e-3)
     assert delta[..., 768:].abs().max() == pytest.approx(1 / math.sqrt(1280), rel=1e-3)
+
+
+def test_without_segments_the_width_is_one_encoder():
+    """A 2048-wide encoder that is not SDXL's CLIP-L|CLIP-G pair is scaled by its whole width."""
+    x = embedding(d=2048)
+    delta = perturb.apply_cep(x, 1.0, "uniform", "paper", gen()) - x
+    assert delta.abs().max() == pytest.approx(1 / math.sqrt(2048), rel=1e-3)
+    with pytest.raises(perturb.PerturbError, match="do not add up"):
+        perturb.apply_cep(x, 1.0, "uniform", "paper", gen(), segments=(768, 1024))
 
 
 def test_padding_is_untouched_and_not_counted_in_d():

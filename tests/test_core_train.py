@@ -12,7 +12,7 @@ from supercond.core import objective as obj
 from supercond.core.files import save_atomic
 from supercond.core.lora import LoRANetwork
 from supercond.core.seeds import seeded_generator
-from supercond.core.train import TrainConfig, Trainer, TrainError
+from supercond.core.train import TrainConfig, Trainer, TrainError, batch_cond
 
 SIG = torch.tensor([0.05, 0.3, 1.0, 4.0, 14.6])
 T = torch.tensor([0.02, 0.3, 0.5, 0.9, 0.999])
@@ -69,8 +69,8 @@ class Toy(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
         self.requires_grad_(False)
 
-    def forward(self, x, sigma, cond):
-        c = self.lin(cond["cross_attn"].mean(1))[:, :, None, None]
+    def forward(self, x, sigma, rows):
+        c = self.lin(batch_cond(rows)["cross_attn"].mean(1))[:, :, None, None]
         return x / (1 + sigma.view(-1, 1, 1, 1) ** 2) + self.conv(x) * 0.1 + c
 
 
@@ -141,7 +141,7 @@ def test_regularizers_off_is_the_plain_objective():
     assert torch.equal(b.sigma, sigma) and torch.equal(b.noise, noise)
     assert torch.equal(b.x_in, tr.latents[idx] + sigma.view(-1, 1, 1, 1) * noise)
     assert torch.equal(b.target, noise)
-    assert torch.equal(b.cond["cross_attn"], torch.cat([tr.conds[i]["cross_attn"] for i in idx]))
+    assert torch.equal(batch_cond(b.cond)["cross_attn"], torch.cat([tr.conds[i]["cross_attn"] for i in idx]))
     with net.attached():
         x0_hat = model(b.x_in, b.sigma, b.cond)
         plain = ((b.x_in - x0_hat) / sigma.view(-1, 1, 1, 1) - noise).pow(2).mean()
@@ -154,7 +154,7 @@ def test_each_regularizer_changes_exactly_what_it_should():
     def diff(**kw):
         b = make(cfg(**kw))[0].batch(2, 0)
         return {k: not torch.equal(getattr(b, k), getattr(ref, k)) for k in ("x0", "sigma", "noise", "x_in", "target")} | {
-            "cond": not torch.equal(b.cond["cross_attn"], ref.cond["cross_attn"])}
+            "cond": not torch.equal(batch_cond(b.cond)["cross_attn"], batch_cond(ref.cond)["cross_attn"])}
 
     assert diff(input_perturbation=0.1) == {"x0": False, "sigma": False, "noise": False, "x_in": True,
                                             "target": False, "cond": False}

@@ -202,6 +202,6 @@ def test_bad_inputs_get_clear_messages(fam, conds):
         cads(fam.model, tau1=0.9, tau2=0.6)
     with pytest.raises(InputError, match="expected a ComfyUI MODEL"):
         cep("not a model")
-    if fam.name != "flow":  # SD1.x has no pooled input: the hook cannot serve apply_to=pooled
-        with pytest.raises(InputError, match="does not use a pooled text embedding"):
-            sample(fam, cep(fam.model, apply_to="pooled"), pos, neg)
+    if fam.name != "flow":  # SD1.x has no pooled input: the patch refuses apply_to=pooled when it is made
+        with pytest.raises(InputError, match="SD1.x models take no pooled text embedding"):
+            cep(fam.model, apply_to="pooled")

@@ -465,8 +465,8 @@ def test_gist_with_a_model_lora_trains_the_cond_output_on_non_rolled_samples_and
     stays bit-identical; with a rolled sample the head learns, from the rolled samples only (other images for
     the non-rolled ones: the same head, another LoRA), and a rolled sample's image changes both."""
     from supercond.core.heads import head_state
+    from supercond.nodes import family as fm
     from supercond.nodes.singlepass import hook
-    from supercond.nodes.train import model as tm
 
     latents, conds = gist_data
     pos, neg = prompts
@@ -475,7 +475,7 @@ def test_gist_with_a_model_lora_trains_the_cond_output_on_non_rolled_samples_and
 
     model, _, head, lora = gist_lora(fam, conds, latents, seeds[False], "gl/none")
     assert same(head, fresh), "the head moved without a rolled sample"
-    assert {k.split(".")[0] for k in lora} == set(tm.target_layers(fam.model))  # SupercondTrainLoRA's layers
+    assert {k.split(".")[0] for k in lora} == set(fm.lora_layers(fam.model, "test"))  # SupercondTrainLoRA's layers
     assert max(float(v.abs().max()) for k, v in lora.items() if k.endswith("lora_up.weight")) > 0
     x = torch.randn(1, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(11)) * 2.0
     assert not torch.equal(guided_x0(model, x, 2.0, pos, neg, 1.0), guided_x0(fam.model, x, 2.0, pos, neg, 1.0))

@@ -8,7 +8,8 @@ Two wrappers per patched MODEL, both keyed so they stack with other packs' wrapp
   its list position (no ``cond_or_uncond`` guessing) and nothing persistent is mutated.
 
 Noise comes from private CPU generators derived from (seed, call, branch, entry, part), so the
-same seed gives the same image and the global RNG is never touched.
+same seed gives the same image and the global RNG is never touched. What is text, and the width of
+each text-encoder segment, comes from the model adapter (nodes/family.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from ...core import perturb
 from ...core.seeds import seeded_generator
+from .. import family as fm
 from ..errors import InputError
 from ..model_time import sampling_time
 
@@ -66,29 +68,36 @@ class RunState:
     seed: int
     sample_sigmas: torch.Tensor
     model_sampling: Any
+    segments: tuple[tuple[int, ...], tuple[int, ...] | None]  # (tokens, pooled) encoder segments
     calls: int = 0
     times: dict[float, float] = field(default_factory=dict)
 
 
 _KIND_SALT = {"cep": 1, "cads": 2}
 _BRANCH_INDEX = {"positive": (0,), "negative": (1,), "both": (0, 1)}
+_BRANCH_NAMES = {"positive": ("positive",), "negative": ("negative",), "both": ("positive", "negative")}
 
 
 class PerturbHook:
     """One patched MODEL's perturbation: config plus the wrappers that apply it."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, node: str) -> None:
         self.config = config
+        self.node = node
         self._runs: list[RunState] = []
 
     # -- wrappers ------------------------------------------------------------------------
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, denoise_mask, callback,
                      disable_pbar, seed):
         guider = executor.class_obj
+        fam = fm.family_of(guider.model_patcher, self.node)
+        for name in _BRANCH_NAMES[self.config.branch]:
+            fm.check_conditioning(fam, guider.conds.get(name) or [], self.node, f"{name} conditioning")
         state = RunState(
             seed=int(seed or 0),
             sample_sigmas=sigmas.detach().float().cpu(),
             model_sampling=guider.model_patcher.get_model_object("model_sampling"),
+            segments=fm.text_segments(fam),
         )
         self._runs.append(state)
         try:
@@ -126,7 +135,7 @@ class PerturbHook:
 
             def cep(t: torch.Tensor, where: tuple[int, int, int]) -> torch.Tensor:
                 gen = seeded_generator(state.seed, cfg.seed_offset, salt, draw, *where)
-                return perturb.apply_cep(t, cfg.gamma, cfg.distribution, cfg.scale, gen)
+                return perturb.apply_cep(t, cfg.gamma, cfg.distribution, cfg.scale, gen, state.segments[where[2]])
 
             return cep
         g = perturb.cads_gamma(self.time_of(state, sigma), cfg.tau1, cfg.tau2)
@@ -194,16 +203,20 @@ def _to_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t
 
 
-def patch_model(model: Any, config: Config) -> Any:
+def patch_model(model: Any, config: Config, node: str) -> Any:
     """A clone of ``model`` with the perturbation installed (the input MODEL is not changed)."""
     import comfy.patcher_extension as pe
 
     if not hasattr(model, "add_wrapper_with_key"):
-        raise InputError(f"expected a ComfyUI MODEL (ModelPatcher), got {type(model).__name__}")
+        raise InputError(f"{node}: expected a ComfyUI MODEL (ModelPatcher), got {type(model).__name__}")
+    fam = fm.family_of(model, node)
+    if config.apply_to in ("pooled", "both") and fam.pooled is None:
+        raise InputError(f"{node}: {fam.label} models take no pooled text embedding, so there is nothing to "
+                         "perturb with apply_to pooled; set apply_to to tokens")
     if not hasattr(model.get_model_object("model_sampling"), "percent_to_sigma"):
-        raise InputError("this MODEL has no model_sampling with percent_to_sigma; it cannot be scheduled")
+        raise InputError(f"{node}: this MODEL has no model_sampling with percent_to_sigma; it cannot be scheduled")
     m = model.clone()
-    hook = PerturbHook(config)
+    hook = PerturbHook(config, node)
     m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, hook.outer_sample)
     m.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, hook.calc_cond_batch)
     return m

@@ -9,6 +9,7 @@ from comfy_api.v0_0_2 import io, ui
 
 from ...core import perturb
 from ...core.seeds import seeded_generator
+from .. import family as fm
 from ..inputs import MAX_SEED, float_input
 from ..model_time import TIME_BASES, sampling_time
 from ..plots import line_plot
@@ -58,14 +59,17 @@ class SupercondPerturbConditioning(io.ComfyNode):
                 shape = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
                 raise ValueError(f"conditioning entry {i}: expected token embeddings [batch, tokens, width], got {shape}")
             extra = dict(extra)
+            pooled = extra.get("pooled_output")
+            pooled_width = int(pooled.shape[-1]) if isinstance(pooled, torch.Tensor) else None
+            token_segments, pooled_segments = fm.conditioning_segments(int(tokens.shape[-1]), pooled_width)
             if apply_to in ("tokens", "both"):
-                tokens = perturb.apply_cep(tokens, gamma, distribution, scale, seeded_generator(seed, i, 0))
+                tokens = perturb.apply_cep(tokens, gamma, distribution, scale, seeded_generator(seed, i, 0),
+                                           token_segments)
             if apply_to in ("pooled", "both"):
-                pooled = extra.get("pooled_output")
-                if pooled is None:
+                if pooled_width is None:
                     raise ValueError(f"conditioning entry {i} has no pooled_output to perturb; set apply_to to tokens")
                 extra["pooled_output"] = perturb.apply_cep(pooled, gamma, distribution, scale,
-                                                           seeded_generator(seed, i, 1))
+                                                           seeded_generator(seed, i, 1), pooled_segments)
             out.append([tokens, extra])
         return io.NodeOutput(out)
 
@@ -99,7 +103,7 @@ class SupercondCEP(io.ComfyNode):
         if gamma == 0:
             return io.NodeOutput(model)
         config = hook.CEPConfig(gamma, distribution, scale, apply_to, branch, resample, seed_offset)
-        return io.NodeOutput(hook.patch_model(model, config))
+        return io.NodeOutput(hook.patch_model(model, config, "SupercondCEP"))
 
 
 class SupercondCADS(io.ComfyNode):
@@ -137,7 +141,7 @@ class SupercondCADS(io.ComfyNode):
     def execute(cls, model, tau1, tau2, noise_scale, psi, apply_to, branch, time_base, seed_offset) -> io.NodeOutput:
         perturb.cads_gamma(0.0, tau1, tau2)  # raises the clear message for tau1 >= tau2
         config = hook.CADSConfig(tau1, tau2, noise_scale, psi, apply_to, branch, time_base, seed_offset)
-        return io.NodeOutput(hook.patch_model(model, config))
+        return io.NodeOutput(hook.patch_model(model, config, "SupercondCADS"))
 
 
 class SupercondPlotPerturbation(io.ComfyNode):

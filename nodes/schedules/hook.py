@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ...core import schedules as sched
+from .. import family as fm
 from ..errors import InputError
 from ..model_time import time_from_sigma
 
@@ -27,18 +28,14 @@ ES_KEY = "supercond.epsilon_scaling"
 
 
 def prediction_kind(model_sampling: Any) -> str:
-    """eps | v | x0 | flow, from ComfyUI's model_sampling class; InputError for anything else."""
-    import comfy.model_sampling as ms
-
-    if isinstance(model_sampling, ms.CONST):
-        return "flow"
-    if isinstance(model_sampling, ms.IMG_TO_IMG) or not isinstance(model_sampling, ms.EPS):
+    """eps | v | x0 | edm | flow (the model adapter's reading of ComfyUI's model_sampling class);
+    InputError for anything else. Every kind but flow lives in ComfyUI's x = x0 + sigma n geometry."""
+    kind = fm.prediction(model_sampling)
+    if kind not in ("eps", "v", "x0", "edm", "flow"):
         raise InputError(
-            f"this MODEL's sampling type ({type(model_sampling).__name__}) is neither eps, v-prediction, "
-            "x0 nor rectified flow; Supercond's schedule patches cannot serve it.")
-    if isinstance(model_sampling, ms.V_PREDICTION):
-        return "v"
-    return "x0" if isinstance(model_sampling, ms.X0) else "eps"
+            f"this MODEL's sampling type ({type(model_sampling).__name__}, {kind}) is neither eps, v-prediction, "
+            "x0, EDM nor rectified flow; Supercond's schedule patches cannot serve it.")
+    return kind
 
 
 def geometry(kind: str) -> str:

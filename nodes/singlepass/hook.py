@@ -29,74 +29,36 @@ from torch import nn
 
 from ...core import heads as core_heads
 from ...core.singlepass import blend, split_doubled, step_index
+from .. import family as fm
 from ..errors import InputError
 
 log = logging.getLogger("supercond.singlepass")
 
 KEY = "supercond.singlepass"
+NODE = "SupercondSinglePass"
 ATTACHMENT = "supercond_head"
 NEGATIVE_MODES: tuple[str, ...] = ("head", "real_cfg")
 
 
-@dataclass(frozen=True)
-class Arch:
-    name: str
-    final: str               # the final projection
-    block: str | None        # the last block (last_block heads)
-    block_entry: str | None  # the module whose inputs are the last block's inputs
-
-
-ARCHS = {
-    "UNetModel": Arch("unet", "out", "output_blocks.-1", "output_blocks.-1.0"),
-    "MMDiT": Arch("mmdit", "final_layer", "joint_blocks.-1", "joint_blocks.-1"),
-    "Flux": Arch("flux", "final_layer", None, None),
-}
-
-
-def arch_of(net: nn.Module) -> Arch:
-    for cls in type(net).__mro__:
-        if cls.__name__ in ARCHS:
-            return ARCHS[cls.__name__]
-    raise InputError(f"single-pass heads support {sorted(ARCHS)} diffusion models; this one is {type(net).__name__}")
-
-
-def resolve(net: nn.Module, path: str) -> tuple[nn.Module, str]:
-    """The module at a dotted path (negative indices allowed) and its canonical path."""
-    mod, parts = net, []
-    for p in path.split("."):
-        if p.lstrip("-").isdigit():
-            i = int(p) % len(mod)
-            mod, p = mod[i], str(i)
-        else:
-            mod = getattr(mod, p)
-        parts.append(p)
-    return mod, ".".join(parts)
-
-
-def prediction_of(model_sampling: Any) -> str:
-    import comfy.model_sampling as ms
-
-    for cls, name in ((ms.EDM, "edm"), (ms.V_PREDICTION, "v"), (ms.CONST, "flow"), (ms.X0, "x0"), (ms.EPS, "eps")):
-        if isinstance(model_sampling, cls):
-            return name
-    return type(model_sampling).__name__.lower()
-
-
-def model_spec(model: Any, head_type: str) -> core_heads.HeadSpec:
+def model_spec(model: Any, head_type: str, node: str = "SupercondNewHead") -> core_heads.HeadSpec:
     """What a head of ``head_type`` must be to fit this MODEL."""
-    bm = model.model
-    net = bm.diffusion_model
-    arch = arch_of(net)
-    if head_type == "last_block" and arch.block is None:
-        raise InputError(f"a last_block head is not available for {arch.name} models; use head = projection")
-    features = arch.final if head_type == "projection" else arch.block
-    if arch.name == "unet":
-        entry = net.out[0] if head_type == "projection" else resolve(net, arch.block_entry)[0]
-        width = int(getattr(entry, "num_channels", None) or entry.channels)
-    else:
-        width = int(net.final_layer.linear.in_features)
-    return core_heads.HeadSpec(type(bm.model_config).__name__, prediction_of(model.get_model_object("model_sampling")), features,
-                               head_type, width)
+    fam = fm.family_of(model, node)
+    if head_type not in core_heads.HEAD_TYPES:
+        raise InputError(f"head must be one of {list(core_heads.HEAD_TYPES)}, got {head_type!r}")
+    net = model.model.diffusion_model
+    tail = fam.tail
+    features = "+".join(tail.final) if head_type == "projection" else tail.block
+    return core_heads.HeadSpec(fam.name, fm.model_prediction(model), features, head_type,
+                               feature_width(tail, net, head_type))
+
+
+def feature_width(tail: fm.Tail, net: nn.Module, head_type: str) -> int:
+    """Channels (UNet) or hidden size (DiTs) of the features the head reads."""
+    if tail.layout == "unet":
+        entry = net.out[0] if head_type == "projection" else fm.resolve(net, tail.block_entry)[0]
+        return int(getattr(entry, "num_channels", None) or entry.channels)
+    final = fm.resolve(net, tail.final[0])[0]
+    return int(next(m for m in final.modules() if isinstance(m, nn.Linear)).in_features)
 
 
 def native_two_head(model: Any) -> bool:
@@ -108,7 +70,7 @@ def native_two_head(model: Any) -> bool:
 
 def _base_copy(model: Any, path: str) -> nn.Module:
     """A detached copy of a diffusion-model module with the checkpoint's own (unpatched) weights."""
-    src, canon = resolve(model.model.diffusion_model, path)
+    src, canon = fm.resolve(model.model.diffusion_model, path)
     mod = copy.deepcopy(src)
     backup = getattr(model, "backup", {})
     with torch.no_grad():
@@ -123,24 +85,25 @@ def _base_copy(model: Any, path: str) -> nn.Module:
     return mod.requires_grad_(False)
 
 
-def new_head(model: Any, head_type: str) -> core_heads.SecondHead:
+def new_head(model: Any, head_type: str, node: str = "SupercondNewHead") -> core_heads.SecondHead:
     """A fresh head: copies of the base weights, so it predicts the conditional output (delta 0)."""
-    if head_type not in core_heads.HEAD_TYPES:
-        raise InputError(f"head must be one of {list(core_heads.HEAD_TYPES)}, got {head_type!r}")
-    spec = model_spec(model, head_type)
-    arch = arch_of(model.model.diffusion_model)
-    block = _base_copy(model, arch.block) if head_type == "last_block" else None
-    return core_heads.SecondHead(spec, _base_copy(model, arch.final), block)
+    spec = model_spec(model, head_type, node)
+    tail = fm.family_of(model, node).tail
+    finals = [_base_copy(model, path) for path in tail.final]
+    final = finals[0] if len(finals) == 1 else core_heads.Chain(finals)
+    block = _base_copy(model, tail.block) if head_type == "last_block" else None
+    return core_heads.SecondHead(spec, final, block)
 
 
-def head_from_file(model: Any, path: str, name: str | None = None) -> core_heads.SecondHead:
+def head_from_file(model: Any, path: str, name: str | None = None,
+                   node: str = "SupercondLoadHead") -> core_heads.SecondHead:
     name = name or str(path)
     spec, tensors = core_heads.read_head_file(path)
-    want = model_spec(model, spec.head_type)
+    want = model_spec(model, spec.head_type, node)
     misfit = spec.misfit(want)
     if misfit:
         raise InputError(f"head {name} does not fit this model ({want.family}, {want.prediction}): {misfit}")
-    return core_heads.load_state(new_head(model, spec.head_type), tensors, where=name)
+    return core_heads.load_state(new_head(model, spec.head_type, node), tensors, where=name)
 
 
 def attach_head(model: Any, head: core_heads.SecondHead) -> Any:
@@ -177,46 +140,32 @@ class Capture:
 
 
 @contextmanager
-def capturing(net: nn.Module, arch: Arch | None, final: bool, block: bool) -> Iterator[Capture]:
+def capturing(net: nn.Module, tail: fm.Tail | None, final: bool, block: bool) -> Iterator[Capture]:
     """Record the inputs of ``net`` (and of its final projection / last block entry) for the calls
     made inside the block; the hooks never outlive it."""
     cap = Capture()
     handles = [net.register_forward_pre_hook(cap.hook("net"), with_kwargs=True)]
     try:
         if final:
-            handles.append(resolve(net, arch.final)[0].register_forward_pre_hook(cap.hook("final"), with_kwargs=True))
+            handles.append(fm.resolve(net, tail.final[0])[0].register_forward_pre_hook(cap.hook("final"),
+                                                                                      with_kwargs=True))
         if block:
-            handles.append(resolve(net, arch.block_entry)[0].register_forward_pre_hook(cap.hook("block"),
-                                                                                       with_kwargs=True))
+            handles.append(fm.resolve(net, tail.block_entry)[0].register_forward_pre_hook(cap.hook("block"),
+                                                                                        with_kwargs=True))
         yield cap
     finally:
         for h in handles:
             h.remove()
 
 
-def to_output(arch: Arch, net: nn.Module, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Final-layer output -> the diffusion model's output layout (what the model itself does after it)."""
-    if arch.name == "unet":
-        return out
-    h, w = x.shape[-2:]
-    if arch.name == "mmdit":
-        return net.unpatchify(out, hw=(h, w))[:, :, :h, :w]
-    p = net.patch_size  # flux: drop reference tokens, unpatchify 2x2
-    hl, wl = (h + p // 2) // p, (w + p // 2) // p
-    out = out[:, :hl * wl]
-    b, c = out.shape[0], out.shape[-1] // (p * p)
-    out = out.reshape(b, hl, wl, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, hl * p, wl * p)
-    return out[:, :, :h, :w]
-
-
-def run_head(head: core_heads.SecondHead, arch: Arch, net: nn.Module, cap: Capture) -> torch.Tensor:
+def run_head(head: core_heads.SecondHead, tail: fm.Tail, net: nn.Module, cap: Capture) -> torch.Tensor:
     """The head's prediction in the diffusion model's raw output space (eps, v or flow)."""
     predict = getattr(head, "predict_raw", None)
     if predict is not None:  # a head that computes the raw output itself (the tests' oracle)
         return predict(cap)
     fargs, fkw = cap.final_args, cap.final_kwargs
     if head.block is not None:
-        if arch.name == "unet":
+        if tail.layout == "unet":
             from comfy.ldm.modules.diffusionmodules.openaimodel import forward_timestep_embed
 
             h, emb = cap.block_args[:2]
@@ -227,9 +176,9 @@ def run_head(head: core_heads.SecondHead, arch: Arch, net: nn.Module, cap: Captu
                                        image_only_indicator=kw.get("image_only_indicator"))
             fargs = (h.type(cap.x.dtype),)
         else:
-            _, tokens = head.block(*cap.block_args, **cap.block_kwargs)
-            fargs = (tokens, *cap.final_args[1:])
-    return to_output(arch, net, head.final(*fargs, **fkw), cap.x)
+            out = head.block(*cap.block_args, **cap.block_kwargs)
+            fargs = (fm.block_tokens(tail, out, cap.final_args[0].shape[1]), *cap.final_args[1:])
+    return fm.to_output(tail, net, head.final(*fargs, **fkw), cap.x)
 
 
 @dataclass(frozen=True)
@@ -245,7 +194,7 @@ class RunState:
     config: SinglePassConfig
     sample_sigmas: torch.Tensor
     head: core_heads.SecondHead | None
-    arch: Arch
+    tail: fm.Tail
     native: bool
     latent_channels: int
     active: bool = False
@@ -271,8 +220,11 @@ class SinglePassHook:
         if head is None and not native:
             raise InputError("no single-pass head on this MODEL: put SupercondNewHead or SupercondLoadHead "
                             "before SupercondSinglePass (or load a checkpoint trained with doubled output channels)")
+        fam = fm.family_of(mp, NODE)
+        for name in ("positive", "negative"):
+            fm.check_conditioning(fam, guider.conds.get(name) or [], NODE, f"{name} conditioning")
         bm = mp.model
-        run = RunState(self.config, sigmas.detach().float().cpu(), head, arch_of(bm.diffusion_model), native,
+        run = RunState(self.config, sigmas.detach().float().cpu(), head, fam.tail, native,
                        bm.latent_format.latent_channels)
         if head is not None:
             head.to(mp.load_device)
@@ -337,7 +289,7 @@ class SinglePassHook:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         base = executor.class_obj
         net = base.diffusion_model
-        with capturing(net, run.arch, final=not run.native,
+        with capturing(net, run.tail, final=not run.native,
                        block=not run.native and run.head.block is not None) as cap:
             split_handle = None
             if run.native:
@@ -351,7 +303,7 @@ class SinglePassHook:
                 if split_handle is not None:
                     split_handle.remove()
         if run.active:
-            raw = cap.native_uncond if run.native else run_head(run.head, run.arch, net, cap)
+            raw = cap.native_uncond if run.native else run_head(run.head, run.tail, net, cap)
             uncond = base.model_sampling.calculate_denoised(t, raw.float(), x)
             uuids = to.get("uuids") or []
             for uid, chunk in zip(uuids, uncond.chunk(len(uuids)), strict=True):
@@ -376,7 +328,7 @@ def patch_model(model: Any, config: SinglePassConfig) -> Any:
         raise InputError(f"expected a ComfyUI MODEL (ModelPatcher), got {type(model).__name__}")
     if config.negative not in NEGATIVE_MODES:
         raise InputError(f"negative must be one of {list(NEGATIVE_MODES)}, got {config.negative!r}")
-    arch_of(model.model.diffusion_model)
+    fm.family_of(model, NODE)
     if head_of(model) is None and not native_two_head(model):
         raise InputError("this MODEL has no single-pass head: connect it through SupercondNewHead or "
                         "SupercondLoadHead first (a checkpoint with doubled output channels needs none)")

@@ -26,7 +26,7 @@ from ...core.files import save_atomic, torch_save_atomic
 from ...core.head_train import HeadTrainConfig, HeadTrainer, TrajectoryPool, merged_state
 from ...core.lora import LoRANetwork, kohya_metadata
 from ...core.seeds import seeded_generator
-from ...core.train import batch_cond
+from .. import family as fm
 from ..errors import InputError
 from ..inputs import MAX_SEED, float_input, int_input
 from ..plots import line_plot
@@ -37,6 +37,7 @@ from . import run as train_run
 from .lora import conds_from
 
 log = logging.getLogger("supercond")
+NODE = "SupercondTrainHead"
 BATCH = 4           # samples per step (chains in the trajectory pool when no LATENT sets it)
 TRAJ_STEPS = 10     # Euler steps of one teacher trajectory, from pure noise down to the last sigma
 TRAJ_LATENT = 32    # latent side of the trajectories when no LATENT sets it (256 px on 8x VAEs)
@@ -75,52 +76,68 @@ def _take(obj: Any, rows: int | None, total: int, detach: bool = True) -> Any:
     return obj
 
 
+Features = list[tuple[list[int], hook.Capture]]  # batch rows, and what the one model call serving them saw
+
+
 class Teacher:
-    """The model through its ``apply_model`` (patches and transformer_options included), with the
-    head's capture points hooked for the one call (the hooks never outlive it). ``trains_backbone``:
-    the features keep their graph, so the head's loss reaches a LoRA on the model (gist)."""
+    """The model through its ``apply_model`` (patches and transformer_options included), called as the
+    sampler batches prompts, with the head's capture points hooked for each call (the hooks never
+    outlive it). ``trains_backbone``: the features keep their graph, so the head's loss reaches a LoRA
+    on the model (gist)."""
 
     def __init__(self, mp: Any, device: torch.device, head_type: str, positive: list[dict], negative: dict | None,
                  trains_backbone: bool = False):
-        self.denoise = tm.denoiser(mp, device)
+        self.call = fm.ModelCall(mp, device)
         self.net = mp.model.diffusion_model
-        self.arch = hook.arch_of(self.net)
+        self.tail = fm.family_of(mp, NODE).tail
         self.head_type = head_type
         self.positive, self.negative = positive, negative
         self.trains_backbone = trains_backbone
 
-    def _call(self, x: torch.Tensor, sigma: torch.Tensor, rows: list[dict]) -> tuple[torch.Tensor, hook.Capture]:
-        with hook.capturing(self.net, self.arch, final=True, block=self.head_type == "last_block") as cap:
-            x0 = self.denoise(x, sigma, batch_cond(rows))
-        return x0, cap
+    def _calls(self, x: torch.Tensor, sigma: torch.Tensor, rows: list[dict], first: int
+               ) -> tuple[torch.Tensor, Features]:
+        """x0 of every row; the features of rows ``< first`` (rows that share a call keep their order, so
+        those are a prefix of each call's rows)."""
+        x0s, feats, groups = [], [], []
+        for g, kwargs in self.call.batches(x, rows):
+            idx = torch.tensor(g, device=x.device)
+            with hook.capturing(self.net, self.tail, final=True, block=self.head_type == "last_block") as cap:
+                x0s.append(self.call.apply(x[idx], sigma[idx], kwargs))
+            keep = [i for i in g if i < first]
+            if keep:
+                feats.append((keep, self.features(cap, len(keep), len(g))))
+            groups.append(g)
+        x0 = x0s[0] if len(groups) == 1 else fm.restore_order(torch.cat(x0s), groups)
+        return x0, feats
 
     def features(self, cap: hook.Capture, rows: int | None, total: int) -> hook.Capture:
         return hook.Capture(*(_take(getattr(cap, f), rows, total, not self.trains_backbone) for f in
                               ("net_args", "net_kwargs", "final_args", "final_kwargs", "block_args", "block_kwargs")))
 
     def teach(self, x: torch.Tensor, sigma: torch.Tensor, prompt: torch.Tensor):
-        """One batched call on [positive rows, negative rows] (cond first, as ComfyUI batches CFG)."""
+        """[positive rows, negative rows] in as few calls as the sampler would make (cond first, as
+        ComfyUI batches CFG); the features are the positive rows'."""
         b = x.shape[0]
         rows = [self.positive[int(i)] for i in prompt] + [self.negative] * b
-        x0, cap = self._call(torch.cat([x, x]), torch.cat([sigma, sigma]), rows)
-        return x0[:b], x0[b:], self.features(cap, b, 2 * b)
+        x0, feats = self._calls(torch.cat([x, x]), torch.cat([sigma, sigma]), rows, b)
+        return x0[:b], x0[b:], feats
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, captions: torch.Tensor):
-        x0, cap = self._call(x, sigma, [self.positive[int(i)] for i in captions])
-        return x0, self.features(cap, None, x.shape[0])
+        return self._calls(x, sigma, [self.positive[int(i)] for i in captions], x.shape[0])
 
 
 def head_denoiser(head: core_heads.SecondHead, teacher: Teacher, model_sampling: Any):
     """(features, x, sigma) -> the head's unconditional denoised prediction (with grad)."""
-    def run(feats: hook.Capture, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        raw = hook.run_head(head, teacher.arch, teacher.net, feats)
+    def run(feats: Features, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        raws = [hook.run_head(head, teacher.tail, teacher.net, cap) for _, cap in feats]
+        raw = raws[0] if len(raws) == 1 else fm.restore_order(torch.cat(raws), [k for k, _ in feats])
         return model_sampling.calculate_denoised(sigma, raw.float(), x.float())
     return run
 
 
 def starting_head(model: Any, head_type: str) -> core_heads.SecondHead:
     """The MODEL's own head (SupercondNewHead / SupercondLoadHead) if it has one, else a fresh one."""
-    fresh = hook.new_head(model, head_type)
+    fresh = hook.new_head(model, head_type, NODE)
     have = hook.head_of(model)
     if have is None:
         return fresh
@@ -236,7 +253,7 @@ class SupercondTrainHead(io.ComfyNode):
 
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
         cfg = HeadTrainConfig(mode, steps, learning_rate, cfg_min, cfg_max, seed, BATCH,
-                              tm.auto_prediction(model, "auto"))
+                              tm.auto_prediction(model, "auto", NODE))
         try:
             cfg.validate()
         except ho.HeadTrainError as e:
@@ -253,7 +270,7 @@ class SupercondTrainHead(io.ComfyNode):
             train_run.check_writable(lora_stem.parent, "LoRA files")
         path, losses, sd, lora = train(model, positive, negative, latent, cfg, head, lora_rank, stem, save_every,
                                        resume, node_id, lora_stem)
-        final = hook.new_head(model, head)
+        final = hook.new_head(model, head, NODE)
         core_heads.load_state(final, sd, where=Path(path).name)
         trained = model
         if lora is not None:
@@ -275,7 +292,7 @@ def _pool_or_latents(mp: Any, latent: dict | None, n_prompts: int, cfg: HeadTrai
     ms = mp.get_model_object("model_sampling")
     samples = None if latent is None else latent["samples"]
     if samples is not None and bool(samples.abs().amax() > 0):
-        return None, tm.model_space(mp, samples)
+        return None, fm.latent_in(mp, samples)
     if samples is None:
         n, shape = BATCH, (mp.model.latent_format.latent_channels, TRAJ_LATENT, TRAJ_LATENT)
     else:
@@ -306,9 +323,14 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
     if model_lora and lora_stem is None:
         raise InputError("gist mode with lora_rank > 0 saves a LoRA of the model: give it a place (lora_stem)")
 
+    fam = fm.family_of(model, NODE)
     pos_rows, empty = conditioning_rows(positive, "positive")
+    fm.check_conditioning(fam, positive, NODE, "positive conditioning")
     neg_row = None
     if cfg.mode == "distill":
+        if negative is not None:
+            conditioning_rows(negative, "negative")
+            fm.check_conditioning(fam, negative, NODE, "negative conditioning")
         neg_rows = conditioning_rows(negative, "negative")[0] if negative is not None else [empty] if empty else []
         if not neg_rows:
             raise InputError("distill mode needs the conditioning whose prediction the head learns: connect a "
@@ -331,7 +353,7 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
         device = mp.load_device
         ms = mp.get_model_object("model_sampling")
         teacher = Teacher(mp, device, head_type, pos_rows, neg_row, trains_backbone=model_lora)
-        net = hook.new_head(mp, head_type)  # before any LoRA hook exists: the copy must not carry one
+        net = hook.new_head(mp, head_type, NODE)  # before any LoRA hook exists: the copy must not carry one
         tm.materialize_weights(net)  # normal (not inference) tensors that autograd can use
         core_heads.load_state(net, core_heads.head_state(start))
         net = net.float().to(device)
@@ -347,13 +369,13 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
                 p.requires_grad_(True)
         if model_lora:  # gist: the cond output trains through a LoRA on SupercondTrainLoRA's layers
             tm.materialize_weights(mp.model.diffusion_model)
-            backbone = LoRANetwork(tm.target_layers(mp), lora_rank, float(lora_rank),
+            backbone = LoRANetwork(fm.lora_layers(mp, NODE), lora_rank, float(lora_rank),
                                    seeded_generator(cfg.seed, _MODEL_LORA_SEED), device)
         pool, latents = (None, None)
         if cfg.mode == "distill":
             pool, latents = _pool_or_latents(mp, latent, len(pos_rows), cfg, device)
         else:
-            latents = tm.model_space(mp, latent["samples"])
+            latents = fm.latent_in(mp, latent["samples"])
         trainer = HeadTrainer(cfg, params, head_denoiser(net, teacher, ms), ms.sigmas, teach=teacher.teach,
                               forward=teacher.forward, latents=latents, captions=captions, n_prompts=len(pos_rows),
                               pool=pool, backbone=[] if backbone is None else list(backbone.parameters()),
@@ -405,7 +427,7 @@ def _resume(mp: Any, trainer: HeadTrainer, stem: Path) -> None:
         log.info("supercond: no head checkpoint of %s to resume; starting at step 0", stem)
         return
     try:
-        hook.head_from_file(mp, found[0], name=found[0].name)  # the file must fit this model
+        hook.head_from_file(mp, found[0], name=found[0].name, node=NODE)  # the file must fit this model
         trainer.load_state_dict(torch.load(tm.state_file(found[0]), weights_only=True))
     except (InputError, core_heads.HeadFileError, ho.HeadTrainError) as e:
         raise InputError(f"cannot resume from {found[0]}: {e}. Use another filename_prefix or switch resume "

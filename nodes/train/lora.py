@@ -15,6 +15,7 @@ from ...core.lora import LoRANetwork, kohya_metadata
 from ...core.perturb import DISTRIBUTIONS
 from ...core.seeds import seeded_generator
 from ...core.train import TrainConfig, Trainer
+from .. import family as fm
 from ..errors import InputError
 from ..inputs import MAX_SEED, float_input, int_input
 from ..plots import line_plot
@@ -23,20 +24,33 @@ from . import run as train_run
 
 log = logging.getLogger("supercond")
 CATEGORY = "supercond/training"
+NODE = "SupercondTrainLoRA"
+
+
+def text_parts(fam: fm.Family) -> dict[str, tuple[int, ...] | None]:
+    """The text parts of a training row that CEP perturbs, with the family's encoder segments."""
+    parts: dict[str, tuple[int, ...] | None] = {"cross_attn": fam.token_segments}
+    if fam.pooled:
+        parts["pooled_output"] = fam.pooled
+    return parts
 
 
 def conds_from(conditioning: list) -> tuple[list[dict], dict | None]:
-    """CONDITIONING -> per-entry {cross_attn, pooled_output?} rows (batch rows split), and the
-    empty prompt's cond that SupercondLoadDataset attaches (for caption dropout)."""
+    """CONDITIONING -> one row per prompt (batch rows split): the tokens as ``cross_attn`` plus the
+    extras the model's extra_conds read (pooled output, guidance, SDXL sizes, ...; fm.COND_EXTRAS), and
+    the empty prompt's row that SupercondLoadDataset attaches (for caption dropout)."""
     rows, empty = [], None
     for i, (tokens, extra) in enumerate(conditioning):
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
             raise InputError(f"conditioning entry {i} is not token embeddings [batch, tokens, width]")
-        pooled = extra.get("pooled_output")
         for b in range(tokens.shape[0]):
             row = {"cross_attn": tokens[b:b + 1]}
-            if isinstance(pooled, torch.Tensor):
-                row["pooled_output"] = pooled[b:b + 1]
+            for key in fm.COND_EXTRAS:
+                value = extra.get(key)
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == tokens.shape[0]:
+                    value = value[b:b + 1]
+                if key in extra:
+                    row[key] = value
             rows.append(row)
         empty = empty or extra.get("supercond_empty")
     return rows, empty
@@ -113,13 +127,15 @@ class SupercondTrainLoRA(io.ComfyNode):
         import folder_paths
 
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
+        fam = fm.family_of(model, NODE)
         cfg = TrainConfig(steps, learning_rate, rank, alpha, batch_size, grad_accumulation,
-                          tm.auto_prediction(model, prediction), loss_weighting, min_snr_gamma, cep_gamma,
+                          tm.auto_prediction(model, prediction, NODE), loss_weighting, min_snr_gamma, cep_gamma,
                           cep_distribution, input_perturbation, offset_noise, pyramid_iterations, caption_dropout,
                           seed, lr_schedule, warmup_steps, max_grad_norm)
         cfg.validate()
         stem = train_run.prefix_path(folder_paths.get_folder_paths("loras")[0], filename_prefix, "loras")
         train_run.check_writable(stem.parent, "LoRA files")
+        fm.check_conditioning(fam, conditioning, NODE)
         rows, empty = conds_from(conditioning)
         path, losses, sd = train(model, latents["samples"], rows, empty, cfg, stem, save_every,
                                  gradient_checkpointing, resume, node_id)
@@ -143,10 +159,11 @@ def train(model, latents: torch.Tensor, rows: list[dict], empty: dict | None, cf
         device = mp.load_device
         dm = mp.model.diffusion_model
         tm.materialize_weights(dm)
-        net = LoRANetwork(tm.target_layers(mp), cfg.rank, cfg.alpha, seeded_generator(cfg.seed, 0x10BA), device)
+        fam = fm.family_of(mp, NODE)
+        net = LoRANetwork(fm.lora_layers(mp, NODE), cfg.rank, cfg.alpha, seeded_generator(cfg.seed, 0x10BA), device)
         sigmas = mp.get_model_object("model_sampling").sigmas
-        trainer = Trainer(cfg, list(net.parameters()), tm.denoiser(mp, device), sigmas, tm.model_space(mp, latents), rows,
-                          empty, device)
+        trainer = Trainer(cfg, list(net.parameters()), fm.ModelCall(mp, device), sigmas, fm.latent_in(mp, latents),
+                          rows, empty, device, text_parts=text_parts(fam))
         if resume:
             found = tm.last_checkpoint(stem)
             if found is None:

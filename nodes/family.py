@@ -1,0 +1,315 @@
+"""The model adapter: what Supercond knows about each model family ComfyUI loads, in one table.
+
+Every capability asks this module instead of looking at ComfyUI's classes itself:
+- which family a MODEL is (by ComfyUI's model config class), and a clear refusal for any other;
+- its prediction type (eps, v, flow, and EDM / x0, which only some capabilities serve);
+- which parts of its CONDITIONING are text (CEP / CADS perturb those and nothing else) and the width
+  of each text-encoder segment;
+- where a single-pass head reads its features and which tail a ``last_block`` head copies;
+- which layers get a LoRA and the kohya names of their file keys;
+- the model call the sampler would make for a latent: the extra conds (SDXL's size embeddings, Flux's
+  guidance, ...) built by the model's own ``extra_conds`` through ComfyUI's ``encode_model_conds``,
+  rows batched the way the sampler batches them.
+
+Adding a family is adding one ``Family`` entry (and its fixture and tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InputError
+
+Cond = dict[str, Any]  # one prompt: {"cross_attn": [1, T, D], "pooled_output": [1, P], other extras}
+
+
+@dataclass(frozen=True)
+class Tail:
+    """The end of the diffusion model, as single-pass heads see it."""
+
+    layout: str                  # how the final projection's output becomes the model output (see to_output)
+    final: tuple[str, ...]       # the final projection: module paths, applied in sequence
+    block: str                   # the last block, copied by last_block heads
+    block_entry: str             # the module whose inputs are the last block's inputs
+    block_tokens: int | None     # index of the image tokens in the block's output tuple (None: one tensor)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str                          # ComfyUI's model config class (stored in head files)
+    label: str                         # what users call it
+    token_width: int                   # width of the text tokens (c_crossattn)
+    token_segments: tuple[int, ...]    # text-encoder segments along that width
+    pooled: tuple[int, ...] | None     # segments of the pooled text embedding at the start of ``y``; None: none
+    tail: Tail
+    lora_blocks: tuple[str, ...] | None  # module prefixes that get LoRAs (kohya's block targets); None: see _FROZEN
+    needs_pooled: bool = False         # the model cannot run without a pooled text embedding
+    guidance_distilled: bool = False   # sampled at cfg 1 with a guidance embedding (Flux dev)
+
+
+_UNET = Tail("unet", ("out",), "output_blocks.-1", "output_blocks.-1.0", None)
+_FLUX = Tail("flux", ("final_layer",), "single_blocks.-1", "single_blocks.-1", None)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("SD15", "SD1.x", 768, (768,), None, _UNET, None),
+    Family("SDXL", "SDXL", 2048, (768, 1280), (1280,), _UNET, None, needs_pooled=True),
+    Family("SD3", "SD3", 4096, (4096,), (768, 1280),
+           Tail("mmdit", ("final_layer",), "joint_blocks.-1", "joint_blocks.-1", 1), None, needs_pooled=True),
+    Family("Flux", "Flux", 4096, (4096,), (768,), _FLUX, ("double_blocks.", "single_blocks."), needs_pooled=True,
+           guidance_distilled=True),
+    Family("Chroma", "Chroma", 4096, (4096,), None, _FLUX, ("double_blocks.", "single_blocks.")),
+    Family("QwenImage", "Qwen-Image", 3584, (3584,), None,
+           Tail("qwen", ("norm_out", "proj_out"), "transformer_blocks.-1", "transformer_blocks.-1", 1),
+           ("transformer_blocks.",)),
+    Family("WAN21_T2V", "Wan 2.1 T2V", 4096, (4096,), None,
+           Tail("wan", ("head",), "blocks.-1", "blocks.-1", None), ("blocks.",)),
+)}
+
+# UNet and MMDiT families: every Linear/Conv except embeddings and the in/out layers, as kohya's default.
+_FROZEN = ("time_embed.", "label_emb.", "input_blocks.0.", "out.", "t_embedder.", "y_embedder.",
+           "x_embedder.", "final_layer.", "context_embedder.", "pos_embed")
+
+
+def supported() -> str:
+    return ", ".join(f.label for f in FAMILIES.values())
+
+
+def family_of(model: Any, node: str) -> Family:
+    """The family of a MODEL (ModelPatcher), or an InputError naming the node and the supported list."""
+    if not hasattr(model, "model") or not hasattr(model, "get_model_object"):
+        raise InputError(f"{node} needs a ComfyUI MODEL (from a checkpoint or diffusion-model loader), got "
+                         f"{type(model).__name__}")
+    config = type(getattr(model.model, "model_config", None)).__name__
+    fam = FAMILIES.get(config)
+    if fam is None:
+        net = type(getattr(model.model, "diffusion_model", None)).__name__
+        raise InputError(f"{node} does not support this model family: ComfyUI loaded it as {config} (diffusion "
+                         f"model {net}). Supported families: {supported()}")
+    return fam
+
+
+# -- prediction type ---------------------------------------------------------------------------------
+
+def prediction(model_sampling: Any) -> str:
+    """eps | v | flow | edm | x0 from ComfyUI's model_sampling class (most specific first:
+    EDM is a V_PREDICTION subclass and X0 an EPS subclass), else the class name."""
+    import comfy.model_sampling as ms
+
+    for cls, name in ((ms.IMG_TO_IMG, "img_to_img"), (ms.EDM, "edm"), (ms.V_PREDICTION, "v"), (ms.X0, "x0"),
+                      (ms.EPS, "eps"), (ms.CONST, "flow")):
+        if isinstance(model_sampling, cls):
+            return name
+    return type(model_sampling).__name__
+
+
+def model_prediction(model: Any) -> str:
+    return prediction(model.get_model_object("model_sampling"))
+
+
+# -- text parts of the conditioning ------------------------------------------------------------------
+
+def check_conditioning(fam: Family, entries: Sequence[Any], node: str, what: str = "conditioning") -> None:
+    """Refuse text embeddings the model cannot take: the wrong width, or no pooled output where it
+    needs one. ``entries`` are CONDITIONING pairs or the sampler's converted cond dicts."""
+    for i, entry in enumerate(entries):
+        tokens, extra = (entry.get("cross_attn"), entry) if isinstance(entry, dict) else entry
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
+            raise InputError(f"{node}: {what} entry {i} holds no text embedding [batch, tokens, width]")
+        width = int(tokens.shape[-1])
+        if width != fam.token_width:
+            raise InputError(f"{node}: the {what} is {width} wide but {fam.label} models take {fam.token_width}-wide "
+                             "text embeddings: encode the prompt with this model's own text encoder (the CLIP "
+                             "from its loader)")
+        if fam.needs_pooled and not isinstance(extra.get("pooled_output"), torch.Tensor):
+            raise InputError(f"{node}: the {what} has no pooled text embedding, which {fam.label} models need: "
+                             "encode the prompt with CLIPTextEncode on this model's CLIP (not a conditioning "
+                             "that was built without one)")
+
+
+def text_segments(fam: Family) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """(token segments, pooled segments) of a family's text embeddings."""
+    return fam.token_segments, fam.pooled
+
+
+def conditioning_segments(token_width: int, pooled_width: int | None
+                          ) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """Segments of a CONDITIONING seen without its MODEL (the static perturbation node), told by
+    the widths it carries: a family's split applies only to that family's signature (token width and
+    pooled width together), so SDXL's 768|1280 never reaches another 2048-wide encoder."""
+    for fam in FAMILIES.values():
+        pooled = sum(fam.pooled) if fam.pooled else None
+        if fam.token_width == token_width and pooled == pooled_width:
+            return fam.token_segments, fam.pooled
+    return (token_width,), None if pooled_width is None else (pooled_width,)
+
+
+# -- where heads read features, and the model output they produce ------------------------------------
+
+def resolve(net: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The module at a dotted path (negative indices allowed) and its canonical path."""
+    mod, parts = net, []
+    for p in path.split("."):
+        if p.lstrip("-").isdigit():
+            i = int(p) % len(mod)
+            mod, p = mod[i], str(i)
+        else:
+            mod = getattr(mod, p)
+        parts.append(p)
+    return mod, ".".join(parts)
+
+
+def to_output(tail: Tail, net: nn.Module, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The final projection's output -> the diffusion model's output layout, as each model's own
+    forward does it after its final layer (x: the model input, for the latent's shape)."""
+    if tail.layout == "unet":
+        return out
+    if tail.layout == "mmdit":
+        h, w = x.shape[-2:]
+        return net.unpatchify(out, hw=(h, w))[:, :, :h, :w]
+    if tail.layout == "flux":  # drop reference tokens, unpatchify 2x2, crop the padding
+        h, w = x.shape[-2:]
+        p = net.patch_size
+        hl, wl = (h + p // 2) // p, (w + p // 2) // p
+        out = out[:, :hl * wl]
+        b, c = out.shape[0], out.shape[-1] // (p * p)
+        out = out.reshape(b, hl, wl, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, hl * p, wl * p)
+        return out[:, :, :h, :w]
+    if tail.layout == "qwen":  # [B, C, T, H, W] latents, 2x2 patches of the padded frame
+        b, c, t, h, w = x.shape
+        hp, wp = h + (-h) % 2, w + (-w) % 2
+        out = out[:, :(hp // 2) * (wp // 2)].view(b, hp // 2, wp // 2, c, 2, 2)
+        return out.permute(0, 3, 1, 4, 2, 5).reshape(b, c, t, hp, wp)[..., :h, :w]
+    if tail.layout == "wan":
+        t, h, w = x.shape[-3:]
+        pt, ph, pw = net.patch_size
+        grid = (-(-t // pt), -(-h // ph), -(-w // pw))
+        return net.unpatchify(out, grid)[:, :, :t, :h, :w]
+    raise ValueError(f"unknown tail layout {tail.layout!r}")
+
+
+def block_tokens(tail: Tail, block_out: Any, final_tokens: int) -> torch.Tensor:
+    """The image tokens the final projection reads, from the last block's output (Flux and Chroma
+    single blocks carry the text tokens in front; MMDiT and Qwen blocks return (text, image))."""
+    tokens = block_out if tail.block_tokens is None else block_out[tail.block_tokens]
+    return tokens[:, -final_tokens:] if tokens.shape[1] != final_tokens else tokens
+
+
+# -- LoRA layers and their kohya names ---------------------------------------------------------------
+
+def kohya_names(model: Any) -> dict[str, str]:
+    """diffusion_model module path -> LoRA file prefix, as kohya's trainers write them and ComfyUI's
+    ``comfy/lora.py`` reads them: ``lora_unet_<diffusers path>`` where ComfyUI maps one (SD1.x, SDXL),
+    else ``lora_unet_<module path>`` (kohya's SD3 and Flux, musubi-tuner's Qwen-Image and Wan)."""
+    import comfy.lora
+
+    by_weight: dict[str, list[str]] = {}
+    for name, target in comfy.lora.model_lora_keys_unet(model.model, {}).items():
+        if isinstance(target, str):
+            by_weight.setdefault(target, []).append(name)
+    out = {}
+    for weight, names in by_weight.items():
+        if not (weight.startswith("diffusion_model.") and weight.endswith(".weight")):
+            continue
+        path = weight[len("diffusion_model."):-len(".weight")]
+        comfy_form = "lora_unet_" + path.replace(".", "_")
+        kohya = [n for n in names if n.startswith("lora_unet_") and n != comfy_form]
+        out[path] = kohya[0] if kohya else comfy_form if comfy_form in names else "diffusion_model." + path
+    return out
+
+
+def lora_layers(model: Any, node: str) -> dict[str, nn.Module]:
+    """LoRA file prefix -> the Linear/Conv2d layer it adapts: the family's transformer blocks (DiTs), or
+    every layer but the embeddings and in/out layers (UNet, MMDiT)."""
+    fam = family_of(model, node)
+    names = kohya_names(model)
+    out = {}
+    for path, mod in model.model.diffusion_model.named_modules():
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)) or path not in names:
+            continue
+        chosen = path.startswith(fam.lora_blocks) if fam.lora_blocks else not path.startswith(_FROZEN)
+        if chosen:
+            out[names[path]] = mod
+    if not out:
+        raise InputError(f"{node}: found no Linear or Conv2d layer with a LoRA key in this {fam.label} model")
+    return out
+
+
+# -- the model call the sampler makes ----------------------------------------------------------------
+
+# CONDITIONING extras a prompt carries into the model's extra_conds (and that a trainer keeps per row).
+COND_EXTRAS = ("pooled_output", "attention_mask", "guidance", "width", "height", "crop_w", "crop_h",
+               "target_width", "target_height")
+
+
+def model_conds(base: Any, x: torch.Tensor, row: Cond, device: torch.device) -> dict[str, Any]:
+    """The model's extra conds for one prompt at the latent ``x`` (batch 1), built by ComfyUI's own
+    ``encode_model_conds``: what the sampler feeds the diffusion model for that latent size."""
+    import comfy.samplers
+
+    entry = {**row, "model_conds": {}}
+    (out,) = comfy.samplers.encode_model_conds(base.extra_conds, [entry], x, device, "positive")
+    return {k: v.process_cond(batch_size=x.shape[0], area=None) for k, v in out["model_conds"].items()}
+
+
+def _groups(conds: list[dict[str, Any]]) -> list[list[int]]:
+    """Rows that ComfyUI would batch into one model call (same keys, every cond can_concat)."""
+    groups: list[list[int]] = []
+    for i, c in enumerate(conds):
+        for g in groups:
+            first = conds[g[0]]
+            if first.keys() == c.keys() and all(first[k].can_concat(c[k]) for k in c):
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+class ModelCall:
+    """(x_in, sigma, rows) -> x0 estimate through the model's ``apply_model`` (its patches and
+    transformer_options included), one cond row per latent, called as the sampler calls it: each row's
+    extra conds for this latent size, rows that can share a call batched (token lengths by ComfyUI's
+    rules), the others in calls of their own."""
+
+    def __init__(self, model: Any, device: torch.device) -> None:
+        self.base = model.model
+        self.device = device
+        self.topts = dict(model.model_options.get("transformer_options", {}))
+
+    def batches(self, x_in: torch.Tensor, rows: Sequence[Cond]) -> list[tuple[list[int], dict[str, Any]]]:
+        """(row indices, model kwargs) of each model call, in ComfyUI's batching."""
+        if len(rows) != x_in.shape[0]:
+            raise ValueError(f"{x_in.shape[0]} latents but {len(rows)} conditionings")
+        conds = [model_conds(self.base, x_in[i:i + 1], r, self.device) for i, r in enumerate(rows)]
+        out = []
+        for g in _groups(conds):
+            first = conds[g[0]]
+            out.append((g, {k: first[k].concat([conds[i][k] for i in g[1:]]) for k in first}))
+        return out
+
+    def apply(self, x_in: torch.Tensor, sigma: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        return self.base.apply_model(x_in, sigma, transformer_options=dict(self.topts), **kwargs)
+
+    def __call__(self, x_in: torch.Tensor, sigma: torch.Tensor, rows: Sequence[Cond]) -> torch.Tensor:
+        batches = self.batches(x_in, rows)
+        if len(batches) == 1:
+            return self.apply(x_in, sigma, batches[0][1])
+        outs = [self.apply(x_in[g], sigma[g], kw) for g, kw in batches]
+        return restore_order(torch.cat(outs), [g for g, _ in batches])
+
+
+def restore_order(stacked: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Rows stacked group by group -> the original row order."""
+    order = torch.tensor([i for g in groups for i in g], device=stacked.device)
+    return stacked[torch.argsort(order)]
+
+
+def latent_in(model: Any, samples: torch.Tensor) -> torch.Tensor:
+    """A LATENT (the VAE's raw output) as samplers feed it to the model (``process_latent_in``: SD's
+    0.18215 scale, SD3's shift, Wan's per-channel statistics)."""
+    return model.model.process_latent_in(samples.float())
