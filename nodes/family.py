@@ -50,6 +50,7 @@ class Family:
     lora_blocks: tuple[str, ...] | None  # module prefixes that get LoRAs (kohya's block targets); None: see _FROZEN
     needs_pooled: bool = False         # the model cannot run without a pooled text embedding
     guidance_distilled: bool = False   # sampled at cfg 1 with a guidance embedding (Flux dev)
+    inplace_residual: bool = False     # its blocks update the residual stream in place (``x += ...``)
 
 
 _UNET = Tail("unet", ("out",), "output_blocks.-1", "output_blocks.-1.0", None)
@@ -61,8 +62,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("SD3", "SD3", 4096, (4096,), (768, 1280),
            Tail("mmdit", ("final_layer",), "joint_blocks.-1", "joint_blocks.-1", 1), None, needs_pooled=True),
     Family("Flux", "Flux", 4096, (4096,), (768,), _FLUX, ("double_blocks.", "single_blocks."), needs_pooled=True,
-           guidance_distilled=True),
-    Family("Chroma", "Chroma", 4096, (4096,), None, _FLUX, ("double_blocks.", "single_blocks.")),
+           guidance_distilled=True, inplace_residual=True),
+    Family("Chroma", "Chroma", 4096, (4096,), None, _FLUX, ("double_blocks.", "single_blocks."),
+           inplace_residual=True),
     Family("QwenImage", "Qwen-Image", 3584, (3584,), None,
            Tail("qwen", ("norm_out", "proj_out"), "transformer_blocks.-1", "transformer_blocks.-1", 1),
            ("transformer_blocks.",)),
@@ -311,5 +313,8 @@ def restore_order(stacked: torch.Tensor, groups: Sequence[Sequence[int]]) -> tor
 
 def latent_in(model: Any, samples: torch.Tensor) -> torch.Tensor:
     """A LATENT (the VAE's raw output) as samplers feed it to the model (``process_latent_in``: SD's
-    0.18215 scale, SD3's shift, Wan's per-channel statistics)."""
-    return model.model.process_latent_in(samples.float())
+    0.18215 scale, SD3's shift, Wan's per-channel statistics), after the sampler's own shape fix
+    (an empty 4-D latent from EmptySD3LatentImage becomes Qwen-Image's one-frame 5-D latent)."""
+    import comfy.sample
+
+    return model.model.process_latent_in(comfy.sample.fix_empty_latent_channels(model, samples.float()))

@@ -132,8 +132,13 @@ class Capture:
     def x(self) -> torch.Tensor:
         return self.net_args[0]
 
-    def hook(self, slot: str):
+    def hook(self, slot: str, copy: bool = False):
+        """A forward pre-hook recording the module's inputs. ``copy``: keep copies of the tensors, for a
+        module that updates its input in place (Flux and Chroma single blocks do ``x += ...``)."""
         def pre(_module, args, kwargs):
+            if copy:
+                args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+                kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
             setattr(self, f"{slot}_args", args)
             setattr(self, f"{slot}_kwargs", kwargs)
         return pre
@@ -150,7 +155,7 @@ def capturing(net: nn.Module, tail: fm.Tail | None, final: bool, block: bool) ->
             handles.append(fm.resolve(net, tail.final[0])[0].register_forward_pre_hook(cap.hook("final"),
                                                                                       with_kwargs=True))
         if block:
-            handles.append(fm.resolve(net, tail.block_entry)[0].register_forward_pre_hook(cap.hook("block"),
+            handles.append(fm.resolve(net, tail.block_entry)[0].register_forward_pre_hook(cap.hook("block", copy=True),
                                                                                         with_kwargs=True))
         yield cap
     finally:

@@ -287,16 +287,16 @@ class SupercondTrainHead(io.ComfyNode):
 def _pool_or_latents(mp: Any, latent: dict | None, n_prompts: int, cfg: HeadTrainConfig, device: torch.device):
     """distill data: (trajectory pool, None) or (None, latents). An all-zero LATENT (EmptyLatentImage) sets
     the pool's size and chain count instead of being noised as if it were images."""
+    import comfy.sample
     import comfy.samplers
 
     ms = mp.get_model_object("model_sampling")
-    samples = None if latent is None else latent["samples"]
-    if samples is not None and bool(samples.abs().amax() > 0):
-        return None, fm.latent_in(mp, samples)
-    if samples is None:
-        n, shape = BATCH, (mp.model.latent_format.latent_channels, TRAJ_LATENT, TRAJ_LATENT)
-    else:
-        n, shape = samples.shape[0], tuple(samples.shape[1:])
+    if latent is not None and bool(latent["samples"].abs().amax() > 0):
+        return None, fm.latent_in(mp, latent["samples"])
+    samples = torch.zeros(BATCH, 4, TRAJ_LATENT, TRAJ_LATENT) if latent is None else latent["samples"]
+    # the sampler's own fix: the family's channel count, Qwen-Image and Wan latents 5-D
+    samples = comfy.sample.fix_empty_latent_channels(mp, samples)
+    n, shape = samples.shape[0], tuple(samples.shape[1:])
     sigmas = comfy.samplers.calculate_sigmas(ms, "normal", TRAJ_STEPS).float().cpu()
     s0 = sigmas[:1].to(device)
 
@@ -415,7 +415,7 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
 
         net.train()
         hooked = lora if lora is not None else backbone  # at most one of them exists
-        with hooked.attached() if hooked is not None else contextlib.nullcontext():
+        with hooked.attached() if hooked is not None else contextlib.nullcontext(), tm.trainable(mp, net):
             last = train_run.run_steps(step, lambda: trainer.step, cfg.steps, save, save_every, node_id,
                                        what="head training")
         return last[0], trainer.losses, last[1], last[2]

@@ -185,7 +185,7 @@ def train(model, latents: torch.Tensor, rows: list[dict], empty: dict | None, cf
             found = tm.last_checkpoint(stem)
             last = (found[0], net.kohya_state_dict(torch.float16))
         net.train()
-        with net.attached(), tm.checkpointing(dm, gradient_checkpointing):
+        with net.attached(), tm.checkpointing(dm, gradient_checkpointing), tm.trainable(mp):
             last = train_run.run_steps(
                 lambda: trainer.train_step(between_micro=mm.throw_exception_if_processing_interrupted),
                 lambda: trainer.step, cfg.steps, save, save_every, node_id, last)

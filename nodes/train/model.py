@@ -42,6 +42,28 @@ def materialize_weights(module: nn.Module) -> None:
                 mod._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
 
 
+@contextmanager
+def trainable(model: Any, *modules: nn.Module):
+    """Backward through a family whose blocks update the residual stream in place (Flux, Chroma:
+    ``x += ...`` after ``norm(x)``): while grad is on, each LayerNorm of the diffusion model (and of
+    ``modules``, e.g. a head's copied block) gets a copy of its input, so the tensor autograd saved is
+    not the one the block then changes. Forward values are unchanged; the hooks live only inside."""
+    handles = []
+    try:
+        if fm.family_of(model, "the trainer").inplace_residual:
+            def copy_input(_module, args):
+                if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
+                    return (args[0].clone(), *args[1:])
+                return None
+            for root in (model.model.diffusion_model, *modules):
+                handles += [m.register_forward_pre_hook(copy_input) for m in root.modules()
+                            if isinstance(m, nn.LayerNorm)]
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _highest_forward_children(module: nn.Module, out: list[nn.Module]) -> list[nn.Module]:
     for child in module.children():
         if isinstance(child, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
