@@ -82,11 +82,42 @@ def shrink_graph(page: Any, size: int = 64, max_steps: int = 4) -> None:
                     if (node.type.startsWith("Empty") && (w.name === "width" || w.name === "height")) w.value = size;
                     if (w.name === "resolution") w.value = Math.min(w.value, size);
                     if (w.name === "steps") w.value = Math.min(w.value, maxSteps);
+                    if (node.type.startsWith("Empty") && w.name === "length") w.value = Math.min(w.value, 5);
                 }
             }
             window.app.graph.setDirtyCanvas(true, true);
         }""",
         [size, max_steps],
+    )
+
+
+def use_standin_encoders(page: Any, standin: str, family_for_type: dict[str, str],
+                         loaders: tuple[str, ...]) -> int:
+    """Replace each text-encoder loader whose ``type`` has a stand-in by the test server's stand-in
+    node (tools/workflows.STANDIN), wired to the same inputs; the editor-side twin of ``retarget``'s
+    swap. Returns how many loaders were replaced."""
+    return page.evaluate(
+        """([standin, families, loaders]) => {
+            const g = window.app.graph;
+            const link = (id) => (g.links.get ? g.links.get(id) : g.links[id]);
+            let swapped = 0;
+            for (const node of [...g._nodes]) {
+                if (!loaders.includes(node.type)) continue;
+                const type = (node.widgets || []).find((w) => w.name === "type");
+                if (!type || !(type.value in families)) continue;
+                const repl = window.LiteGraph.createNode(standin);
+                repl.pos = [...node.pos];
+                g.add(repl);
+                repl.widgets.find((w) => w.name === "family").value = families[type.value];
+                const targets = (node.outputs[0].links || []).map(link).map((l) => [l.target_id, l.target_slot]);
+                for (const [id, slot] of targets) repl.connect(0, g.getNodeById(id), slot);
+                g.remove(node);
+                swapped += 1;
+            }
+            g.setDirtyCanvas(true, true);
+            return swapped;
+        }""",
+        [standin, family_for_type, list(loaders)],
     )
 
 

@@ -45,7 +45,7 @@ def main() -> int:
             "sd3_medium_incl_clips.safetensors": args.sd3_checkpoint}
     args.out.mkdir(parents=True, exist_ok=True)
     lines = []
-    with tempfile.TemporaryDirectory() as tmp, ComfyServer(comfyui, Path(tmp), models_dir=models) as srv:
+    with tempfile.TemporaryDirectory() as tmp, ComfyServer(comfyui, Path(tmp), models_dir=models, standins=True) as srv:
         client = ComfyClient(srv.url)
         info = client.object_info()
         for path in workflows.example_paths():

@@ -20,6 +20,7 @@ from .paths import PACK_DIR
 log = logging.getLogger("supercond.tools.server")
 
 # Model folders the test and example servers see under the generated-models directory.
+STANDINS_DIR = PACK_DIR / "tests" / "comfy_packs" / "supercond_standins"
 MODEL_FOLDERS = ("checkpoints", "loras", "vae", "clip", "text_encoders", "diffusion_models", "supercond_heads")
 
 
@@ -64,8 +65,9 @@ class ComfyServer:
     """``python main.py --cpu`` in a subprocess, the pack loaded through extra_model_paths."""
 
     def __init__(self, comfyui: Path, workdir: Path, models_dir: Path | None = None,
-                 python: str = sys.executable, port: int | None = None) -> None:
+                 python: str = sys.executable, port: int | None = None, standins: bool = False) -> None:
         self.comfyui = Path(comfyui)
+        self.standins = standins  # also load the test-only stand-in text encoders (tests/comfy_packs)
         self.workdir = Path(workdir)
         self.models_dir = models_dir
         self.python = python
@@ -86,6 +88,8 @@ class ComfyServer:
 
     def _write_paths_config(self) -> Path:
         lines = ["supercond_pack:", f"    custom_nodes: {PACK_DIR.parent}"]
+        if self.standins:
+            lines += ["supercond_standins:", f"    custom_nodes: {STANDINS_DIR.parent}"]
         if self.models_dir is not None:
             lines += ["supercond_models:", f"    base_path: {self.models_dir}"]
             lines += [f"    {name}: {name}" for name in MODEL_FOLDERS]
@@ -107,6 +111,7 @@ class ComfyServer:
             self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
             "--extra-model-paths-config", str(self._write_paths_config()),
             "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_DIR.name,
+            *([STANDINS_DIR.name] if self.standins else []),
             "--disable-api-nodes", "--database-url", "sqlite:///:memory:",
             "--input-directory", str(self.workdir / "input"),
             "--output-directory", str(self.workdir / "output"),
