@@ -22,6 +22,7 @@ class Family:
 
 
 _loaded: dict[str, Family] = {}
+_last_family: dict[str, Family] = {}
 
 
 def load_family(name: str, checkpoints: dict[str, Path]) -> Family:
@@ -40,6 +41,24 @@ def load_family(name: str, checkpoints: dict[str, Path]) -> Family:
         (model,) = ModelSamplingDiscrete().patch(model, "v_prediction", False)
     fam = Family(name, model, clip, vae, 16 if name == "flow" else 4)
     _loaded[name] = fam
+    return fam
+
+
+def load_model_family(name: str, models_dir: Path) -> Family:
+    """One of the new families (sdxl, flux, chroma, qwen_image, wan21) through the loaders a user
+    would use (tools/fixture_models.check.load): CheckpointLoaderSimple for SDXL, UNETLoader +
+    VAELoader + the family's stand-in text encoder otherwise. Only the last one stays cached: SDXL's
+    full-size CLIP-G and Flux's and Chroma's 4096-wide blocks take gigabytes each."""
+    if name in _last_family:
+        return _last_family[name]
+    from supercond.tools.fixture_models.check import free_models, load
+    from supercond.tools.fixture_models.registry import FAMILIES as SPECS
+
+    _last_family.clear()
+    free_models()
+    model, clip, vae = load(name, models_dir)
+    fam = Family(name, model, clip, vae, SPECS[name].latent_channels)
+    _last_family[name] = fam
     return fam
 
 

@@ -89,7 +89,7 @@ def server(comfyui: Path, models_dir: Path, tmp_path_factory):
     """The real ComfyUI server with only this pack loaded (tier C)."""
     from supercond.tools.server import ComfyServer
 
-    srv = ComfyServer(comfyui, tmp_path_factory.mktemp("comfy"), models_dir=models_dir)
+    srv = ComfyServer(comfyui, tmp_path_factory.mktemp("comfy"), models_dir=models_dir, standins=True)
     srv.start()
     yield srv
     alive = srv.alive()

@@ -46,6 +46,7 @@ def test_example_loads_queues_and_succeeds_in_the_editor(page, server, path, art
                     for (const w of n.widgets || []) if (w.name === widget && w.value === name) w.value = fixture; }""",
                 [widget, name, fixture],
             )
+    browser.use_standin_encoders(page, workflows.STANDIN, workflows.STANDIN_FOR_CLIP_TYPE, workflows.CLIP_LOADERS)
     browser.shrink_graph(page, size=64, max_steps=3)
     browser.set_widgets(page, "KSampler", {"seed": 1234})
     result = browser.queue_and_wait(page, timeout_ms=300_000)

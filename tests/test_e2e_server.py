@@ -113,6 +113,6 @@ def test_a_model_the_hook_cannot_serve_errors_clearly_and_the_server_stays_up(se
     base = example("cep_sampling", object_info)
     result = client.run(set_inputs(base, "SupercondCEP", apply_to="pooled", seed_offset=1))
     assert result.status == "error"
-    assert "does not use a pooled text embedding" in result.error["exception_message"]
+    assert "SD1.x models take no pooled text embedding" in result.error["exception_message"]
     assert server.alive()
     assert client.run(set_inputs(base, "SupercondCEP", seed_offset=2)).status == "success"

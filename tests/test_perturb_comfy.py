@@ -183,8 +183,6 @@ def test_sdxl_size_embeddings_and_other_keys_are_never_touched(comfy):
 
 
 def test_bad_inputs_get_clear_messages(fam, conds):
-    from comfy_helpers import sample
-
     from supercond.nodes.errors import InputError
     from supercond.nodes.perturb.nodes import SupercondCADS
 

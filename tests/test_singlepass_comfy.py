@@ -38,6 +38,7 @@ def single_pass(model, real_cfg_steps=0, negative="head"):
 def oracle(fam, negative):
     """A model whose head returns the diffusion model's own output for ``negative``."""
     from supercond.core.heads import SecondHead
+    from supercond.nodes import family as fm
     from supercond.nodes.singlepass import hook
 
     base = hook.new_head(fam.model, "projection")
@@ -50,8 +51,9 @@ def oracle(fam, negative):
             x = cap.x
             kw = dict(cap.net_kwargs, transformer_options={}, control=None)
             kw["context"] = tokens.to(x).expand(x.shape[0], -1, -1)
-            if kw.get("y") is not None:
-                kw["y"] = pooled.to(x).expand(x.shape[0], -1)
+            if kw.get("y") is not None:  # as the sampler builds it (SDXL: pooled + size embeddings)
+                y = fm.model_conds(fam.model.model, x[:1], {"pooled_output": pooled}, x.device)["y"].cond
+                kw["y"] = y.to(x).expand(x.shape[0], -1)
             return net(x, cap.net_args[1], **kw)
 
     return hook.attach_head(fam.model, Oracle(base.spec, base.final))
