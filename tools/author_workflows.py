@@ -24,6 +24,11 @@ log = logging.getLogger("supercond.author")
 
 SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
 SD3 = "sd3_medium_incl_clips.safetensors"
+SDXL = "sd_xl_base_1.0.safetensors"
+CHROMA = "Chroma1-HD.safetensors"
+WAN = "wan2.1_t2v_1.3B_fp16.safetensors"
+T5XXL = "t5xxl_fp16.safetensors"
+UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 PROMPT = "a photograph of a lighthouse on a cliff at sunset, dramatic clouds"
 NEGATIVE = "blurry, low quality"
 
@@ -270,6 +275,76 @@ def lora_load() -> tuple[dict, str]:
     return g.nodes, note
 
 
+def sdxl_lora_train() -> tuple[dict, str]:
+    g = Graph()
+    ck = g.add("CheckpointLoaderSimple", ckpt_name=SDXL)
+    ds = g.add("SupercondLoadDataset", folder="supercond_example", clip=out(ck, 1), vae=out(ck, 2), resolution=1024,
+               flip=True, random_crop=False, seed=0)
+    tr = g.add("SupercondTrainLoRA", model=out(ck), latents=out(ds), conditioning=out(ds, 1), steps=300,
+               learning_rate=1e-4, rank=16, alpha=16.0, batch_size=1, grad_accumulation=2, prediction="auto",
+               loss_weighting="min_snr", min_snr_gamma=5.0, cep_gamma=1.0, cep_distribution="uniform",
+               input_perturbation=0.1, offset_noise=0.05, pyramid_iterations=0, caption_dropout=0.1, seed=0,
+               gradient_checkpointing=True, lr_schedule="cosine", warmup_steps=20, max_grad_norm=1.0,
+               save_every=100, filename_prefix="supercond/sdxl_lora", resume=False)
+    g.add("PreviewImage", images=out(tr, 2))
+    pos = g.add("CLIPTextEncode", "Positive", text="a red disc on a pale background, supercond style", clip=out(ck, 1))
+    neg = g.add("CLIPTextEncode", "Negative", text=NEGATIVE, clip=out(ck, 1))
+    lat = g.add("EmptyLatentImage", width=1024, height=1024, batch_size=1)
+    _sample_and_save(g, out(tr), out(pos), out(neg), lat, out(ck, 2), "sdxl_lora_train", cfg=6.0)
+    note = ("**SDXL LoRA** (also Illustrious, Pony, NoobAI): the same trainer as `lora_train`, on an SDXL "
+            "checkpoint. The trainer calls the UNet with the size embeddings the sampler builds for each "
+            "latent (pooled CLIP-G + original/crop/target size from the latent's own size), so train at the "
+            "resolution you sample at. LoRA keys are kohya's SDXL names (`lora_unet_down_blocks_1_...`): the "
+            "stock Load LoRA node and kohya-compatible tools read the file (models/loras/"
+            "`supercond/sdxl_lora_<step>.safetensors`). Gradient checkpointing is on to fit 1024 px in less memory.")
+    return g.nodes, note
+
+
+def chroma_cads() -> tuple[dict, str]:
+    g = Graph()
+    unet = g.add("UNETLoader", unet_name=CHROMA, weight_dtype="default")
+    clip = g.add("CLIPLoader", clip_name=T5XXL, type="chroma", device="default")
+    vae = g.add("VAELoader", vae_name="ae.safetensors")
+    pos = g.add("CLIPTextEncode", "Positive", text=PROMPT, clip=out(clip))
+    neg = g.add("CLIPTextEncode", "Negative", text=NEGATIVE, clip=out(clip))
+    cads = g.add("SupercondCADS", model=out(unet), tau1=0.6, tau2=0.9, noise_scale=0.25, psi=1.0, apply_to="tokens",
+                 branch="positive", time_base="sigma", seed_offset=0)
+    lat = g.add("EmptySD3LatentImage", width=1024, height=1024, batch_size=4)
+    _sample_and_save(g, out(cads), out(pos), out(neg), lat, out(vae), "chroma_cads", cfg=4.0, scheduler="simple")
+    note = ("**CADS on Chroma** for more varied images from one prompt: annealed noise on the T5 tokens early "
+            "in sampling (noise level above `tau2`'s point), none at the end. Chroma samples with real CFG, so "
+            "`branch` positive leaves the negative untouched. Chroma's T5 conditioning has no pooled part: "
+            "`apply_to` pooled is refused. The same node works on Flux, Qwen-Image, Wan, SDXL, SD3 and SD1.x; "
+            "compare a batch with and without it at the same seed.")
+    return g.nodes, note
+
+
+def wan_singlepass_distill() -> tuple[dict, str]:
+    g = Graph()
+    unet = g.add("UNETLoader", unet_name=WAN, weight_dtype="default")
+    clip = g.add("CLIPLoader", clip_name=UMT5, type="wan", device="default")
+    vae = g.add("VAELoader", vae_name="wan_2.1_vae.safetensors")
+    pos = g.add("CLIPTextEncode", "Positive", text="a red fox running through snow, cinematic", clip=out(clip))
+    neg = g.add("CLIPTextEncode", "Empty negative (what the head learns)", text="", clip=out(clip))
+    tr = g.add("SupercondTrainHead", model=out(unet), positive=out(pos), negative=out(neg), mode="distill",
+               steps=300, learning_rate=1e-4, head="last_block", lora_rank=8, cfg_min=3.0, cfg_max=7.0, seed=0,
+               save_every=100, filename_prefix="supercond/wan_head", resume=False)
+    g.add("PreviewImage", images=out(tr, 2))
+    sp = g.add("SupercondSinglePass", model=out(tr), real_cfg_steps=0, negative="head")
+    lat = g.add("EmptyHunyuanLatentVideo", width=832, height=480, length=33, batch_size=1)
+    ks = g.add("KSampler", model=out(sp), seed=42, steps=30, cfg=5.0, sampler_name="uni_pc", scheduler="simple",
+               positive=out(pos), negative=out(neg), latent_image=out(lat), denoise=1.0)
+    dec = g.add("VAEDecode", samples=out(ks), vae=out(vae))
+    g.add("SaveAnimatedWEBP", images=out(dec), filename_prefix="supercond/wan_singlepass", fps=16.0, lossless=False,
+          quality=90, method="default")
+    note = ("**Single-pass CFG on Wan 2.1**: `Train Single-Pass Head` distils a second head from the frozen Wan "
+            "model (its own CFG trajectories, one-frame latents, no videos needed), then `Single-Pass CFG` gives "
+            "the KSampler CFG from one model call per step instead of two. The head is saved under "
+            "models/supercond_heads (`supercond/wan_head_<step>.safetensors`); next time use `Load Single-Pass "
+            "Head` instead of training. Distil with prompts like the ones you will use.")
+    return g.nodes, note
+
+
 EXAMPLES: dict[str, Callable[[], tuple[dict, str]]] = {
     "cep_static": cep_static,
     "cep_sampling": cep_sampling,
@@ -283,6 +358,9 @@ EXAMPLES: dict[str, Callable[[], tuple[dict, str]]] = {
     "singlepass_distill": singlepass_distill,
     "lora_train": lora_train,
     "lora_load": lora_load,
+    "sdxl_lora_train": sdxl_lora_train,
+    "chroma_cads": chroma_cads,
+    "wan_singlepass_distill": wan_singlepass_distill,
 }
 
 
