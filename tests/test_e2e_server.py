@@ -116,3 +116,17 @@ def test_a_model_the_hook_cannot_serve_errors_clearly_and_the_server_stays_up(se
     assert "SD1.x models take no pooled text embedding" in result.error["exception_message"]
     assert server.alive()
     assert client.run(set_inputs(base, "SupercondCEP", seed_offset=2)).status == "success"
+
+
+def test_conditioning_of_another_family_errors_clearly_and_the_server_stays_up(server, client, object_info):
+    """SD1.x text conditioning (768 wide) fed to the SDXL fixture: refused by name, then the SD1.x graph runs."""
+    base = example("cep_sampling", object_info)
+    mixed = json.loads(json.dumps(base))
+    sdxl = str(max(int(k) for k in mixed) + 1)
+    mixed[sdxl] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "supercond_sdxl_tiny.safetensors"}}
+    mixed[find(mixed, "SupercondCEP")]["inputs"]["model"] = [sdxl, 0]
+    result = client.run(mixed)
+    assert result.status == "error"
+    assert "conditioning is 768 wide but SDXL models take 2048-wide" in result.error["exception_message"]
+    assert server.alive()
+    assert client.run(set_inputs(base, "SupercondCEP", seed_offset=3)).status == "success"
