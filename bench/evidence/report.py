@@ -44,7 +44,8 @@ class Evidence:
         latent = nodes.EmptyLatentImage().generate(data.PX, data.PX, n)[0]
         out = nodes.common_ksampler(model or self.model, seed, steps, cfg, sampler, scheduler,
                                     self.positive[digit], self.negative, latent)[0]
-        return data.read(self.vae.decode(out["samples"]))
+        with torch.no_grad():
+            return data.read(self.vae.decode(out["samples"])).detach()
 
     def sample_all(self, per_digit: int, seed: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
         pix = [self.sample(d, per_digit, seed + 1000 * d, **kw) for d in range(10)]
