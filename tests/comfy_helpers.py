@@ -100,3 +100,21 @@ class CondRecorder:
         m = model.clone()
         m.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, "supercond.test.record", self)
         return m
+
+
+def cep(model, **kw):
+    """SupercondCEP with the defaults the tests use, overridden by ``kw``; returns the patched MODEL."""
+    from supercond.nodes.perturb.nodes import SupercondCEP
+
+    args = dict(gamma=1.0, distribution="uniform", scale="paper", apply_to="tokens", branch="positive",
+                resample="every_step", seed_offset=0) | kw
+    return SupercondCEP.execute(model, **args).result[0]
+
+
+def cads(model, **kw):
+    """SupercondCADS likewise."""
+    from supercond.nodes.perturb.nodes import SupercondCADS
+
+    args = dict(tau1=0.6, tau2=0.9, noise_scale=0.25, psi=1.0, apply_to="tokens", branch="positive",
+                time_base="sigma", seed_offset=0) | kw
+    return SupercondCADS.execute(model, **args).result[0]

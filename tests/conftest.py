@@ -120,6 +120,15 @@ def conds(fam):
 
 
 @pytest.fixture()
+def loras(comfy, tmp_path, monkeypatch):
+    """A private loras folder for each test."""
+    d = tmp_path / "loras"
+    d.mkdir()
+    monkeypatch.setitem(comfy.folder_names_and_paths, "loras", ([str(d)], comfy.supported_pt_extensions))
+    return d
+
+
+@pytest.fixture()
 def one_thread():
     """Toy benches' small matmuls: one thread is faster and makes bit-identity checks independent of load."""
     import torch

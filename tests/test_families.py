@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from comfy_helpers import cads, cep
 
 pytestmark = pytest.mark.comfy
 
@@ -80,22 +81,6 @@ def context_of(call: dict) -> torch.Tensor:
 
 
 # -- conditioning perturbation ------------------------------------------------------------------------
-
-def cep(model, **kw):
-    from supercond.nodes.perturb.nodes import SupercondCEP
-
-    args = dict(gamma=1.0, distribution="uniform", scale="paper", apply_to="tokens", branch="positive",
-                resample="every_step", seed_offset=0) | kw
-    return SupercondCEP.execute(model, **args).result[0]
-
-
-def cads(model, **kw):
-    from supercond.nodes.perturb.nodes import SupercondCADS
-
-    args = dict(tau1=0.6, tau2=0.9, noise_scale=0.25, psi=1.0, apply_to="tokens", branch="positive",
-                time_base="sigma", seed_offset=0) | kw
-    return SupercondCADS.execute(model, **args).result[0]
-
 
 def test_cep_gamma_zero_is_bit_identical_and_a_seed_reproduces(fam, prompts):
     from supercond.nodes.perturb.nodes import SupercondPerturbConditioning
@@ -268,14 +253,6 @@ def heads_dir(comfy, tmp_path, monkeypatch):
     d = tmp_path / "heads"
     d.mkdir()
     monkeypatch.setitem(comfy.folder_names_and_paths, nodes_sp.FOLDER, ([str(d)], {".safetensors"}))
-    return d
-
-
-@pytest.fixture()
-def loras(comfy, tmp_path, monkeypatch):
-    d = tmp_path / "loras"
-    d.mkdir()
-    monkeypatch.setitem(comfy.folder_names_and_paths, "loras", ([str(d)], comfy.supported_pt_extensions))
     return d
 
 

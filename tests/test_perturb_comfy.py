@@ -7,24 +7,9 @@ import math
 
 import pytest
 import torch
+from comfy_helpers import cads, cep
 
 pytestmark = pytest.mark.comfy
-
-
-def cep(model, **kw):
-    from supercond.nodes.perturb.nodes import SupercondCEP
-
-    args = dict(gamma=1.0, distribution="uniform", scale="paper", apply_to="tokens", branch="positive",
-                resample="every_step", seed_offset=0) | kw
-    return SupercondCEP.execute(model, **args).result[0]
-
-
-def cads(model, **kw):
-    from supercond.nodes.perturb.nodes import SupercondCADS
-
-    args = dict(tau1=0.6, tau2=0.9, noise_scale=0.25, psi=1.0, apply_to="tokens", branch="positive",
-                time_base="sigma", seed_offset=0) | kw
-    return SupercondCADS.execute(model, **args).result[0]
 
 
 def static(conditioning, **kw):

@@ -10,15 +10,6 @@ import torch
 pytestmark = pytest.mark.comfy
 
 
-@pytest.fixture()
-def loras(comfy, tmp_path, monkeypatch):
-    """A private loras folder for each test."""
-    d = tmp_path / "loras"
-    d.mkdir()
-    monkeypatch.setitem(comfy.folder_names_and_paths, "loras", ([str(d)], comfy.supported_pt_extensions))
-    return d
-
-
 def fam_of(name, fixture_checkpoints):
     from comfy_helpers import load_family
 

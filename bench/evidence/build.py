@@ -28,26 +28,11 @@ log = logging.getLogger("supercond.evidence")
 VERSION = 1  # bump when what a given config produces changes
 FILENAME = "supercond_evidence/digits_sd15.safetensors"
 
-UNET: dict[str, Any] = {
-    "image_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "model_channels": 320,
-    "num_res_blocks": [1],
-    "channel_mult": [1],
-    "transformer_depth": [1],
-    "transformer_depth_output": [1, 1],
-    "transformer_depth_middle": 1,
-    "context_dim": 768,
-    "num_heads": 8,
-    "num_head_channels": -1,
-    "use_spatial_transformer": True,
-    "use_linear_in_transformer": False,
-    "legacy": False,
-    "adm_in_channels": None,
-    "use_temporal_resblock": False,
-    "use_temporal_attention": False,
-}
+def unet_config() -> dict[str, Any]:
+    """The SD1.x fixture's one-level UNet (tools/fixture_models/sd.py), sized for 8x8 latents."""
+    from supercond.tools.fixture_models.sd import SD15_UNET
+
+    return {**SD15_UNET, "image_size": 8}
 
 
 @dataclass(frozen=True)
@@ -62,10 +47,10 @@ class BuildConfig:
     caption_dropout: float = 0.1
     min_snr: float = 5.0  # min-SNR-gamma weighting (Hang et al. 2023): high-noise steps get their share
     limit: int = 0  # train on the first N training images only (0: all); the CI miniature uses it
-    unet: dict = None  # type: ignore[assignment]  # None: UNET
+    unet: dict = None  # type: ignore[assignment]  # None: unet_config()
 
     def stamp(self) -> str:
-        return json.dumps({"version": VERSION, **asdict(self), "unet": self.unet or UNET}, sort_keys=True)
+        return json.dumps({"version": VERSION, **asdict(self), "unet": self.unet or unet_config()}, sort_keys=True)
 
 
 def checkpoint_path(models: Path) -> Path:
@@ -96,7 +81,7 @@ def build(models: Path, cfg: BuildConfig = BuildConfig(), force: bool = False) -
     mean, std = float(train.pixels.mean()), float(train.pixels.std())
     clip_sd = common.prefixed(common.build(sd.clip_l), "cond_stage_model.transformer.", drop=("text_projection.weight",))
     vae_sd = {f"first_stage_model.{k}": v for k, v in codec.state_dict(mean, std).items()}
-    unet_cfg = cfg.unet or UNET
+    unet_cfg = cfg.unet or unet_config()
     unet = common.build(lambda: _unet(unet_cfg))  # torch's default init under the fixtures' seed
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
