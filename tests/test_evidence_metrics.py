@@ -93,6 +93,15 @@ def test_diversity_and_memorization_tell_copies_from_new_images(judge, split):
     assert 0.5 < fresh.memorization.value < 2.0
 
 
+def test_copying_of_a_small_fine_tuning_set(judge, split):
+    train, test = split
+    few = train.of(5).pixels[:8]
+    copies = judge.copying(few.repeat(3, 1, 1), few, 5, rounds=30)
+    assert copies.value == pytest.approx(0.0) and copies.high == pytest.approx(0.0)
+    fresh = judge.copying(train.of(5).pixels[8:40], few, 5, rounds=30)  # unseen training fives
+    assert 0.6 < fresh.value < 1.6 and fresh.low < 1.0 < fresh.high
+
+
 def test_bootstrap_intervals_hold_the_value_and_shrink_with_more_samples():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(400, generator=gen)

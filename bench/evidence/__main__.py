@@ -1,11 +1,13 @@
-"""scripts/evidence build [--force] [--miniature] | report [--quick]: see bench/evidence/build.py
-and report.py. Run from anywhere; finds ComfyUI as the other tools do."""
+"""scripts/evidence build [--force] [--miniature] | train | report [--quick] [--seed N] [--tables 0,1,...]:
+see bench/evidence/build.py and report.py. Run from anywhere; finds ComfyUI as the other tools do."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent.parent
@@ -37,13 +39,24 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--force", action="store_true", help="train again even if a current file is there")
     b.add_argument("--miniature", action="store_true", help="a few steps on 16 images (what CI runs)")
     b.add_argument("--steps", type=int, help="train this many steps instead (a trial; report refuses it)")
+    t = sub.add_parser("train", help="train what the tables compare (heads, gist, LoRAs; cached); report does it "
+                                     "too when they are missing")
+    t.add_argument("--models", type=Path)
     r = sub.add_parser("report", help="print the tables and write their plots to bench/results/")
     r.add_argument("--models", type=Path)
-    r.add_argument("--quick", action="store_true", help="fewer samples and rounds: wider intervals")
+    r.add_argument("--quick", action="store_true", help="fewer samples, rounds, scales and step counts")
+    r.add_argument("--seed", type=int, default=0, help="sampling seed: another seed draws new images")
+    r.add_argument("--tables", default="0,1,2,3,4", help="which tables, comma-separated (default: all)")
     args = ap.parse_args(argv)
 
     comfyui = setup()
-    from evidence import build, data, metrics, report
+    import comfy.utils
+
+    comfy.utils.set_progress_bar_enabled(False)  # a line per table row instead of a bar per sampler run
+    logging.getLogger().setLevel(logging.WARNING)  # ComfyUI's own loading chatter
+    logging.getLogger("supercond").setLevel(logging.INFO)
+    from evidence import artifacts, build, data, metrics, report
+    from evidence.sampling import Evidence
 
     models = args.models or comfyui / "models"
     if args.command == "build":
@@ -54,15 +67,22 @@ def main(argv: list[str] | None = None) -> None:
     path = build.checkpoint_path(models)
     if not build.cached(path, build.BuildConfig()):
         raise SystemExit(f"no current evidence checkpoint at {path}: run scripts/evidence build first")
-    per_digit, rounds = (8, 100) if args.quick else (32, 200)
-    log.info(_common.header(f"evidence model: {per_digit} images per digit, {rounds} bootstrap rounds, "
-                            "95% intervals"))
+    if args.command == "train":
+        artifacts.register_folders(models)
+        report.train(Evidence.load(path), report.Settings())
+        return
+    settings = replace(report.QUICK if args.quick else report.Settings(), seed=args.seed)
+    start = time.perf_counter()
+    log.info(_common.header(f"evidence report{' --quick' if args.quick else ''}: {settings.per_digit} images per "
+                            f"digit, seed {settings.seed}, {settings.rounds} bootstrap rounds, 95% intervals"))
+    artifacts.register_folders(models)
     train, test = data.load()
     judge = metrics.Judge(train, test)
     log.info("classifier accuracy on the held-out digits: %.3f", metrics.accuracy(judge.net, test))
-    ev = report.Evidence.load(path)
-    for line in report.base_table(ev, judge, per_digit, seed=0, rounds=rounds):
-        log.info(line)
+    ev = Evidence.load(path)
+    report.train(ev, settings)
+    report.run(ev, judge, settings, {int(t) for t in args.tables.split(",")})
+    log.info("report done in %.1f min; plots in %s", (time.perf_counter() - start) / 60, _common.results_dir())
 
 
 if __name__ == "__main__":

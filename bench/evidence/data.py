@@ -12,6 +12,8 @@ PX = 64  # rendered size; each digit pixel becomes an 8x8 block, the codec's lat
 GRID = 8  # the digits' own resolution
 SPLIT_SEED = 20240101
 TEST_FRACTION = 0.2
+HELD_OUT = 5  # the base model never sees this digit: the trainer's table teaches it with a LoRA
+SEEN = tuple(d for d in range(10) if d != HELD_OUT)
 
 
 def caption(digit: int) -> str:

@@ -171,3 +171,15 @@ class Judge:
                                                 / nearest(self.test.pixels[torch.cat(g[k:])],
                                                           self.train.pixels).median())),
         )
+
+    def copying(self, pixels: torch.Tensor, reference: torch.Tensor, digit: int, rounds: int = 200,
+                seed: int = 0) -> Figure:
+        """Memorization of a small fine-tuning set ``reference``: the median distance from each generated
+        image to its nearest reference image, over the same for held-out real images of ``digit``
+        (which never saw the reference). Below 1: samples sit closer to the training images than
+        fresh handwriting does, i.e. copies."""
+        gen = nearest(pixels, reference)
+        real = nearest(self.test.pixels[self.test.labels == digit], reference)
+        groups = [torch.arange(len(gen)), len(gen) + torch.arange(len(real))]
+        both = torch.cat([gen, real])
+        return bootstrap(lambda g: float(both[g[0]].median() / both[g[1]].median()), groups, rounds, seed)

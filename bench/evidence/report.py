@@ -1,73 +1,136 @@
-"""``scripts/evidence report``: the tables, every sample drawn through ComfyUI's own loader, text
-encoder, KSampler and VAE decode, as a user's graph would, and read by the metrics' judge."""
+"""``scripts/evidence report``: every table, side by side in one run with the same prompts and seeds.
+Samples are drawn through ComfyUI's own loader, text encoder, samplers and VAE with the pack's nodes
+(sampling.py) and read by the metrics' judge; each table prints its rows and writes a plot to
+bench/results/."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from . import data, metrics
+from .sampling import Drawn, Evidence
 
 log = logging.getLogger("supercond.evidence")
 
 
-@dataclass
-class Evidence:
-    """The loaded checkpoint and its encoded prompts."""
+@dataclass(frozen=True)
+class Settings:
+    """How much each table draws. ``quick`` keeps every row of every table but draws fewer images,
+    fewer bootstrap rounds and fewer scales / step counts; trained heads and LoRAs are the same."""
 
-    model: Any
-    clip: Any
-    vae: Any
-    positive: list  # per digit
-    negative: list  # the empty prompt
-
-    @classmethod
-    def load(cls, checkpoint: Path) -> Evidence:
-        import folder_paths
-        import nodes
-
-        folder_paths.add_model_folder_path("checkpoints", str(checkpoint.parent.parent))
-        name = f"{checkpoint.parent.name}/{checkpoint.name}"
-        model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(name)
-        encode = nodes.CLIPTextEncode().encode
-        return cls(model, clip, vae, [encode(clip, data.caption(d))[0] for d in range(10)], encode(clip, "")[0])
-
-    def sample(self, digit: int, n: int, seed: int, *, model: Any = None, steps: int = 20, cfg: float = 5.0,
-               sampler: str = "euler", scheduler: str = "normal") -> torch.Tensor:
-        """``n`` images of ``digit`` from one seeded batch, read back as (n, 8, 8) ink."""
-        import nodes
-
-        latent = nodes.EmptyLatentImage().generate(data.PX, data.PX, n)[0]
-        out = nodes.common_ksampler(model or self.model, seed, steps, cfg, sampler, scheduler,
-                                    self.positive[digit], self.negative, latent)[0]
-        with torch.no_grad():
-            return data.read(self.vae.decode(out["samples"])).detach()
-
-    def sample_all(self, per_digit: int, seed: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
-        pix = [self.sample(d, per_digit, seed + 1000 * d, **kw) for d in range(10)]
-        return torch.cat(pix), torch.arange(10).repeat_interleave(per_digit)
+    per_digit: int = 32  # images per prompted digit (tables 0-3)
+    rounds: int = 200  # bootstrap rounds
+    seed: int = 0  # sampling seed: another seed draws new images from the same models
+    steps: int = 20  # sampler steps where a table does not vary them
+    scales: tuple[float, ...] = (1.5, 3.0, 5.0, 8.0)  # table 1
+    diversity_cfg: float = 8.0  # table 2: where CFG's mode collapse is strongest
+    schedule_steps: tuple[int, ...] = (2, 4, 8, 20)  # table 3
+    schedule_cfg: float = 5.0
+    trainer_samples: int = 48  # images of the held-out digit per LoRA row (table 4)
+    # What the tables train (once, then cached; the same for quick and full reports):
+    lora_steps: int = 200  # table 4's LoRA runs
+    lora_every: int = 50  # a checkpoint every this many steps: the curve's points
+    lora_lr: float = 3e-4
+    head_steps: int = 600  # table 1's distilled heads
+    gist_steps: int = 200  # table 2's gist head + LoRA and the caption-dropout LoRA it is compared with
+    gist_images: int = 40  # per known digit
+    quick: bool = False
 
 
-def row(name: str, calls: float, rep: metrics.Report) -> str:
-    return (f"{name:<28}{calls:>7.0f}  {rep.adherence!s:<24}{rep.fd!s:<26}{rep.vendi!s:<24}"
-            f"{rep.memorization!s:<24}")
+QUICK = Settings(per_digit=6, rounds=100, scales=(1.5, 5.0, 8.0), schedule_steps=(2, 4, 8), trainer_samples=24,
+                 quick=True)
 
 
-HEAD = f"{'sampler':<28}{'calls':>7}  {'adherence':<24}{'FD':<26}{'Vendi':<24}{'nn-dist ratio':<24}"
+@dataclass(frozen=True)
+class Row:
+    name: str
+    calls: float  # diffusion-model calls per image
+    rep: metrics.Report | None  # None: a row with no images (e.g. a failed setting)
+    method: str = ""  # the plot's series
+    x: float = 0.0  # the plot's x (scale, steps, training steps, strength)
+    extra: dict[str, metrics.Figure] = field(default_factory=dict)  # table-specific figures
 
 
-def base_table(ev: Evidence, judge: metrics.Judge, per_digit: int, seed: int, rounds: int) -> list[str]:
-    """Has the model learned? Real images against the stock KSampler at several CFG scales."""
-    lines = [HEAD]
-    real = judge.train.subset(torch.cat([torch.nonzero(judge.train.labels == d).flatten()[:per_digit]
-                                         for d in range(10)]))
-    lines.append(row("real (training images)", 0, judge.report(real.pixels, real.labels, rounds, seed)))
+def measure(judge: metrics.Judge, drawn: Drawn, settings: Settings, name: str, method: str = "", x: float = 0.0,
+            **extra: metrics.Figure) -> Row:
+    row = Row(name, drawn.calls, judge.report(drawn.pixels, drawn.labels, settings.rounds, settings.seed),
+              method or name, x, extra)
+    log.info("  %s: adherence %.3g, FD %.3g, Vendi %.3g (%.1f calls/image)", name, row.rep.adherence.value,
+             row.rep.fd.value, row.rep.vendi.value, row.calls)  # progress: a line per row
+    return row
+
+
+COLUMNS: dict[str, Callable[[Row], object]] = {
+    "adherence": lambda r: r.rep.adherence,
+    "FD": lambda r: r.rep.fd,
+    "Vendi": lambda r: r.rep.vendi,
+    "pairwise": lambda r: r.rep.pairwise,
+    "nn-dist ratio": lambda r: r.rep.memorization,
+}
+
+
+def lines(title: str, rows: Sequence[Row], columns: Sequence[str] = ("adherence", "FD", "Vendi", "nn-dist ratio"),
+          extra: Sequence[str] = ()) -> list[str]:
+    """A markdown table: one row per Row, every figure with its 95% interval."""
+    head = ["setting", "calls/image", *columns, *extra]
+    out = [f"## {title}", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.name, f"{r.calls:.1f}"]
+        cells += [str(COLUMNS[c](r)) if r.rep is not None else "-" for c in columns]
+        cells += [str(r.extra[e]) if e in r.extra else "-" for e in extra]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def base_table(ev: Evidence, judge: metrics.Judge, s: Settings) -> list[Row]:
+    """Has the model learned? Real images against the stock KSampler at several CFG scales, on the nine
+    digits it was trained on, and on the held-out one it never saw."""
+    real = judge.train.subset(torch.cat([torch.nonzero(judge.train.labels == d).flatten()[:s.per_digit]
+                                         for d in data.SEEN]))
+    rows = [Row("real training images", 0, judge.report(real.pixels, real.labels, s.rounds, s.seed), "real")]
     for cfg in (1.0, 3.0, 5.0, 8.0):
-        pix, lab = ev.sample_all(per_digit, seed, cfg=cfg)
-        calls = 20 * (1 if cfg == 1.0 else 2)
-        lines.append(row(f"KSampler euler 20, cfg {cfg:g}", calls, judge.report(pix, lab, rounds, seed)))
-    return lines
+        drawn = ev.draw(data.SEEN, s.per_digit, s.seed, steps=s.steps, cfg=cfg)
+        rows.append(measure(judge, drawn, s, f"KSampler euler {s.steps}, cfg {cfg:g}", "KSampler", cfg))
+    held = ev.draw((data.HELD_OUT,), s.per_digit, s.seed, steps=s.steps, cfg=5.0)
+    rows.append(measure(judge, held, s, f"held-out digit {data.HELD_OUT} (never trained), cfg 5", "held out", 5.0))
+    return rows
+
+
+def train(ev: Evidence, s: Settings) -> None:
+    """What the tables compare that has to be trained first, with the pack's trainer nodes: the
+    distilled heads, the gist and its caption-dropout counterpart, the LoRAs on the unseen digit.
+    Each is cached by its recipe and the checkpoint's build stamp; already trained ones only load."""
+    from . import diversity, guidance, trainer
+
+    start = time.perf_counter()
+    guidance.heads(ev, s)
+    diversity.fine_tuned(ev, s)
+    trainer.loras(ev, s)
+    log.info("trained (or found) everything the tables need in %.1f min", (time.perf_counter() - start) / 60)
+
+
+def run(ev: Evidence, judge: metrics.Judge, s: Settings, which: set[int] = frozenset(range(5))) -> None:
+    """The tables ``which``, in order, each printed as soon as it is done."""
+    from . import diversity, guidance, schedules, trainer
+
+    tables: list[tuple[str, Callable[[], list[str]]]] = [
+        ("0", lambda: lines(f"0. Has the model learned? (stock KSampler, euler {s.steps} steps, "
+                            f"{s.per_digit} images per digit)", base_table(ev, judge, s))),
+        ("1", lambda: guidance.table(ev, judge, s)),
+        ("2", lambda: diversity.table(ev, judge, s)),
+        ("3", lambda: schedules.table(ev, judge, s)),
+        ("4", lambda: trainer.table(ev, judge, s)),
+    ]
+    for name, make in tables:
+        if int(name) not in which:
+            continue
+        start = time.perf_counter()
+        out = make()
+        for line in out:
+            log.info(line)
+        log.info("(table %s: %.0f s)\n", name, time.perf_counter() - start)
