@@ -56,9 +56,9 @@ def table(ev: Evidence, judge: metrics.Judge, s: report.Settings) -> list[str]:
                 shown[name] = drawn.pixels[:: s.per_digit]  # the first image of each digit
         rows += at.values()
         verdicts.append(verdict(at, scale, s.steps))
-    plots.series([r for r in rows if r.method != "cfg 1"], ("adherence", "FD", "Vendi"), "guidance scale",
+    plots.series([r for r in rows if r.method != "cfg 1"], ("adherence", "FD", "Vendi", "FD"), "guidance scale",
                  f"Table 1: single-pass vs two-pass CFG and peers ({s.per_digit} images per digit)",
-                 "evidence_guidance.png")
+                 "evidence_guidance.png", against=(None, None, None, "calls"))
     plots.grid(shown, f"cfg {grid_scale:g}, same seeds: the first image of each digit", "evidence_guidance_grid.png")
     return [*report.lines("1. Single-pass heads vs two-pass CFG and its peers", rows), "", *verdicts]
 

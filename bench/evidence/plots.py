@@ -7,13 +7,16 @@ from pathlib import Path
 
 import torch
 
-from . import report
+from . import metrics, report
 
 PANELS = {"adherence": "adherence (classifier reads the prompted digit)", "FD": "FD to held-out digits (lower is closer)",
-          "Vendi": "Vendi score (within-prompt diversity)", "nn-dist ratio": "nearest-training distance ratio"}
+          "Vendi": "Vendi score (within-prompt diversity)", "nn-dist ratio": "nearest-training distance ratio",
+          "calls": "diffusion-model calls per image"}
 
 
 def _figure(metric: str, row: report.Row):
+    if metric == "calls":
+        return metrics.Figure(row.calls, row.calls, row.calls)
     if metric in row.extra:
         return row.extra[metric]
     return report.COLUMNS[metric](row) if row.rep is not None else None
@@ -42,7 +45,7 @@ def series(rows: Sequence[report.Row], metrics: Sequence[str], xlabel: str, titl
             ys = [f.value for _, f in pts]
             # a percentile interval need not hold the full-set value (tiny or degenerate sets): clip the bars
             err = [[max(0.0, f.value - f.low) for _, f in pts], [max(0.0, f.high - f.value) for _, f in pts]]
-            style = "o-" if len(pts) > 1 else "s"
+            style = "o-" if len(pts) > 1 and not scatter_x else "o" if scatter_x else "s"
             ax.errorbar(xs, ys, yerr=err, fmt=style, capsize=3, ms=4, label=method, color=f"C{i % 10}")
         ax.set_title(PANELS.get(metric, metric), fontsize=9)
         ax.set_xlabel(PANELS.get(scatter_x, scatter_x) if scatter_x else xlabel, fontsize=9)
