@@ -130,7 +130,7 @@ def test_every_table_prints_its_rows_and_writes_its_plot(ev, judge, caplog, monk
     settings = report.Settings(**MINI)
     with caplog.at_level(logging.INFO, logger="supercond.evidence"):
         report.train(ev, settings)
-        report.run(ev, judge, settings)
+        report.run(ev, judge, settings, out=tmp_path / "report.md")
     text = caplog.text
     for title in ("0. Has the model learned", "1. Single-pass heads", "2. Diversity", "3. Schedules at",
                   "4. LoRA trainer", "4b. CEP in the memorization regime"):
@@ -142,6 +142,12 @@ def test_every_table_prints_its_rows_and_writes_its_plot(ev, judge, caplog, monk
                 "evidence_schedules.png", "evidence_trainer.png", "evidence_trainer_few.png"):
         assert (tmp_path / png).stat().st_size > 1000, png
     assert "training the last_block head" in text and "training the gist" in text
+    from evidence import compare
+
+    same = compare.compare(tmp_path / "report.md", tmp_path / "report.md")[0]
+    n = len(compare.tables(tmp_path / "report.md"))  # every figure of the file (on sets this small a value
+    assert n > 100 and same.startswith(f"{n} figures in both reports")  # may fall outside its own interval)
+    assert same.endswith(f"intervals overlapping: {n}")
     # a second run loads what the first trained instead of training again
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="supercond.evidence"):

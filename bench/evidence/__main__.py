@@ -47,7 +47,16 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--quick", action="store_true", help="fewer samples, rounds, scales and step counts")
     r.add_argument("--seed", type=int, default=0, help="sampling seed: another seed draws new images")
     r.add_argument("--tables", default="0,1,2,3,4", help="which tables, comma-separated (default: all)")
+    c = sub.add_parser("compare", help="does report B reproduce report A? (their .md files in bench/results/)")
+    c.add_argument("a", type=Path)
+    c.add_argument("b", type=Path)
     args = ap.parse_args(argv)
+    if args.command == "compare":
+        from evidence import compare
+
+        for line in compare.compare(args.a, args.b):
+            log.info(line)
+        return
 
     comfyui = setup()
     import comfy.utils
@@ -73,16 +82,19 @@ def main(argv: list[str] | None = None) -> None:
         return
     settings = replace(report.QUICK if args.quick else report.Settings(), seed=args.seed)
     start = time.perf_counter()
-    log.info(_common.header(f"evidence report{' --quick' if args.quick else ''}: {settings.per_digit} images per "
-                            f"digit, seed {settings.seed}, {settings.rounds} bootstrap rounds, 95% intervals"))
+    title = _common.header(f"evidence report{' --quick' if args.quick else ''}: {settings.per_digit} images per "
+                           f"digit, seed {settings.seed}, {settings.rounds} bootstrap rounds, 95% intervals")
+    out = _common.results_dir() / f"evidence_report{'_quick' if args.quick else ''}_seed{settings.seed}.md"
+    out.write_text(title + "\n\n")
+    log.info(title)
     artifacts.register_folders(models)
     train, test = data.load()
     judge = metrics.Judge(train, test)
     log.info("classifier accuracy on the held-out digits: %.3f", metrics.accuracy(judge.net, test))
     ev = Evidence.load(path)
     report.train(ev, settings)
-    report.run(ev, judge, settings, {int(t) for t in args.tables.split(",")})
-    log.info("report done in %.1f min; plots in %s", (time.perf_counter() - start) / 60, _common.results_dir())
+    report.run(ev, judge, settings, {int(t) for t in args.tables.split(",")}, out)
+    log.info("report done in %.1f min; tables in %s, plots beside it", (time.perf_counter() - start) / 60, out)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -114,8 +115,9 @@ def train(ev: Evidence, s: Settings) -> None:
     log.info("trained (or found) everything the tables need in %.1f min", (time.perf_counter() - start) / 60)
 
 
-def run(ev: Evidence, judge: metrics.Judge, s: Settings, which: set[int] = frozenset(range(5))) -> None:
-    """The tables ``which``, in order, each printed as soon as it is done."""
+def run(ev: Evidence, judge: metrics.Judge, s: Settings, which: set[int] = frozenset(range(5)),
+        out: Path | None = None) -> None:
+    """The tables ``which``, in order, each printed (and appended to ``out``) as soon as it is done."""
     from . import diversity, guidance, schedules, trainer
 
     tables: list[tuple[str, Callable[[], list[str]]]] = [
@@ -130,7 +132,9 @@ def run(ev: Evidence, judge: metrics.Judge, s: Settings, which: set[int] = froze
         if int(name) not in which:
             continue
         start = time.perf_counter()
-        out = make()
-        for line in out:
+        table = [*make(), f"(table {name}: {time.perf_counter() - start:.0f} s)", ""]
+        for line in table:
             log.info(line)
-        log.info("(table %s: %.0f s)\n", name, time.perf_counter() - start)
+        if out is not None:
+            with out.open("a") as f:
+                f.write("\n".join(table) + "\n")
