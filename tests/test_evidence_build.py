@@ -107,6 +107,11 @@ def test_the_peers_skip_the_calls_they_should(ev):
     cfg = ev.draw((1,), 2, seed=0, steps=4, cfg=5.0)
     assert (once.calls, never.calls) == (5, 8)
     assert torch.allclose(never.pixels, cfg.pixels, atol=1e-5)
+    # one run per prompt, each on its rows of the whole batch's noise: the same images as one batch
+    split = ev.draw((1, 4), 2, seed=0, steps=4, cfg=5.0, guider=peers.adaptive_guider(1.01), batch_per_digit=True)
+    whole = ev.draw((1, 4), 2, seed=0, steps=4, cfg=5.0)
+    assert split.labels.tolist() == [1, 1, 4, 4] and split.calls == 8
+    assert torch.allclose(split.pixels, whole.pixels, atol=1e-3)
     # guidance interval: only steps whose sigma is inside (lo, hi] pay for the uncond
     import comfy.samplers
 

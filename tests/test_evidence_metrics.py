@@ -129,11 +129,13 @@ def test_compare_tells_reproduced_figures_from_ones_that_moved(tmp_path):
 
     a, b = tmp_path / "a.md", tmp_path / "b.md"
     a.write_text("# head\n## 1. T (x)\n| setting | calls/image | FD | Vendi |\n|---|---|---|---|\n"
-                 "| r1 | 40.0 | 300 [250, 350] | 1.2 [1.1, 1.3] |\n| r2 | 20.0 | 1.5e+03 [1e+03, 2e+03] | 2 [1.9, 2.1] |\n")
+                 "| r1 | 40.0 | 300 [250, 350] | 1.2 [1.1, 1.3] |\n| r2 | 20.0 | 1.5e+03 [1e+03, 2e+03] | 2 [1.9, 2.1] |\n"
+                 "| r3 | 20.0 | 1.2e-05 [-3e-06, 2.5e-05] | nan [nan, nan] |\n")
     b.write_text("## 1. T (y)\n| setting | calls/image | FD | Vendi |\n|---|---|---|---|\n"
                  "| r1 | 40.0 | 320 [280, 360] | 1.5 [1.4, 1.6] |\n| r2 | 20.0 | 2.1e+03 [1.9e+03, 2.3e+03] | 2 [1.9, 2.1] |\n")
-    assert compare.tables(a)[("1. T", "r2", "FD")] == (1500.0, 1000.0, 2000.0)
+    assert compare.tables(a)[("1.", "r2", "FD")] == (1500.0, 1000.0, 2000.0)
+    assert compare.tables(a)[("1.", "r3", "FD")] == (1.2e-05, -3e-06, 2.5e-05)  # only in a: not compared
     lines = compare.compare(a, b)
     # r1 FD: both inside; r2 FD: 2100 is outside a's interval but the intervals overlap; r1 Vendi: apart
     assert lines[0] == "4 figures in both reports; each value inside the other's interval: 2; intervals overlapping: 3"
-    assert lines[1:] == ["  apart: 1. T / r1 / Vendi: (1.2, 1.1, 1.3) vs (1.5, 1.4, 1.6)"]
+    assert lines[1:] == ["  apart: 1. / r1 / Vendi: (1.2, 1.1, 1.3) vs (1.5, 1.4, 1.6)"]

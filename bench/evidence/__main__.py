@@ -1,5 +1,6 @@
-"""scripts/evidence build [--force] [--miniature] | train | report [--quick] [--seed N] [--tables 0,1,...]:
-see bench/evidence/build.py and report.py. Run from anywhere; finds ComfyUI as the other tools do."""
+"""scripts/evidence build [--force] [--miniature] [--steps N] | train [--force] | report [--quick] [--seed N]
+[--tables 0,1,...] | compare A.md B.md (build, train and report take --models DIR): see
+bench/evidence/build.py and report.py. Run from anywhere; finds ComfyUI as the other tools do."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("train", help="train what the tables compare (heads, gist, LoRAs; cached); report does it "
                                      "too when they are missing")
     t.add_argument("--models", type=Path)
+    t.add_argument("--force", action="store_true", help="train again (e.g. after changing a trainer)")
     r = sub.add_parser("report", help="print the tables and write their plots to bench/results/")
     r.add_argument("--models", type=Path)
     r.add_argument("--quick", action="store_true", help="fewer samples, rounds, scales and step counts")
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     if not build.cached(path, build.BuildConfig()):
         raise SystemExit(f"no current evidence checkpoint at {path}: run scripts/evidence build first")
     if args.command == "train":
+        artifacts.RETRAIN = args.force
         artifacts.register_folders(models)
         report.train(Evidence.load(path), report.Settings())
         return

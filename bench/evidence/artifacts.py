@@ -41,10 +41,15 @@ def prefix(ev: Evidence, name: str, recipe: Any) -> str:
     return f"{SUBFOLDER}/{name}_{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
+RETRAIN = False  # scripts/evidence train --force: train again, overwriting the cached files
+
+
 def _exists(folder: str, name: str) -> bool:
+    """A cached file. The key is the recipe and the checkpoint's build stamp, not the trainers' code:
+    after changing a trainer, ``train --force``."""
     import folder_paths
 
-    return folder_paths.get_full_path(folder, name) is not None
+    return not RETRAIN and folder_paths.get_full_path(folder, name) is not None
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ class LoraRecipe:
     input_perturbation: float = 0.0
     offset_noise: float = 0.0
     caption_dropout: float = 0.0
+    lr_schedule: str = "constant"
     seed: int = 0
 
 
@@ -133,11 +139,11 @@ def lora_steps(ev: Evidence, recipe: LoraRecipe) -> dict[int, str]:
         return names
     log.info("training a LoRA on %d images of %s (%d steps; cached afterwards)", recipe.images, recipe.digits,
              recipe.steps)
-    latent, conds = dataset(ev, training_images(recipe.digits, recipe.images), recipe.caption_dropout > 0)
+    latent, conds = dataset(ev, training_images(recipe.digits, recipe.images, recipe.seed), recipe.caption_dropout > 0)
     r = recipe
     SupercondTrainLoRA.execute(ev.model, latent, conds, r.steps, r.learning_rate, r.rank, float(r.rank), r.batch_size,
                                1, "auto", r.loss_weighting, r.min_snr_gamma, r.cep_gamma, "uniform",
-                               r.input_perturbation, r.offset_noise, 0, r.caption_dropout, r.seed, False, "constant",
+                               r.input_perturbation, r.offset_noise, 0, r.caption_dropout, r.seed, False, r.lr_schedule,
                                0, 1.0, r.save_every, stem, False)
     return names
 
@@ -170,7 +176,7 @@ def gist_model(ev: Evidence, recipe: GistRecipe) -> Any:
     if _exists("supercond_heads", name) and _exists("loras", name):
         return SupercondLoadHead.execute(with_lora(ev, name), name).result[0]
     log.info("training the gist head and LoRA (%d steps; cached afterwards)", recipe.steps)
-    latent, conds = dataset(ev, training_images(data.SEEN, recipe.images), False)
+    latent, conds = dataset(ev, training_images(data.SEEN, recipe.images, recipe.seed), False)
     out = SupercondTrainHead.execute(ev.model, conds, "gist", recipe.steps, recipe.learning_rate, "last_block",
                                      recipe.lora_rank, 3.0, 9.0, recipe.seed, 0, stem, False, latent=latent)
     return out.result[0]

@@ -30,6 +30,7 @@ log = logging.getLogger("supercond.evidence")
 VERSION = 2  # bump when what a given config produces changes
 FILENAME = "supercond_evidence/digits_sd15.safetensors"
 
+
 def unet_config() -> dict[str, Any]:
     """The SD1.x fixture's one-level UNet (tools/fixture_models/sd.py), sized for 8x8 latents and without
     its middle block (-2: ComfyUI's detection reads a checkpoint without middle_block keys so)."""

@@ -6,15 +6,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-FIGURE = re.compile(r"^\s*(-?[\d.e+]+) \[(-?[\d.e+]+), (-?[\d.e+]+)\]\s*$")
+NUMBER = r"(-?(?:[\d.]+(?:e[+-]?\d+)?|nan|inf))"
+FIGURE = re.compile(rf"^\s*{NUMBER} \[{NUMBER}, {NUMBER}\]\s*$")
 
 
 def tables(path: Path) -> dict[tuple[str, str, str], tuple[float, float, float]]:
-    """(table title, row, column) -> (value, low, high) of every figure in a report's markdown."""
+    """(table number, row, column) -> (value, low, high) of every figure in a report's markdown (the
+    number, e.g. "3." or "4b.", so a quick and a full report's tables match)."""
     out, title, head = {}, "", []
     for line in Path(path).read_text().splitlines():
         if line.startswith("## "):
-            title, head = line[3:].split(" (")[0], []
+            title, head = line[3:].split(" ")[0], []
         elif line.startswith("|") and not line.startswith("|---"):
             cells = [c.strip() for c in line.strip("|").split("|")]
             if not head:

@@ -6,6 +6,8 @@ two-pass CFG."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from . import artifacts, data, metrics, plots, report
 from .sampling import Evidence
 
@@ -16,13 +18,13 @@ GIST_CFGS = (3.0, 5.0)
 GIST_LR, GIST_RANK = 1e-4, 8  # SupercondTrainHead's default learning rate; the same for the dropout LoRA
 
 
-def cads(model, noise_scale: float, branch: str):
+def cads(model: Any, noise_scale: float, branch: str) -> Any:
     from supercond.nodes.perturb.nodes import SupercondCADS
 
     return SupercondCADS.execute(model, 0.6, 0.9, noise_scale, 1.0, "tokens", branch, "sigma", 0).result[0]
 
 
-def cep(model, gamma: float):
+def cep(model: Any, gamma: float) -> Any:
     from supercond.nodes.perturb.nodes import SupercondCEP
 
     return SupercondCEP.execute(model, gamma, "uniform", "paper", "tokens", "positive", "every_step", 0).result[0]
@@ -31,7 +33,7 @@ def cep(model, gamma: float):
 def table(ev: Evidence, judge: metrics.Judge, s: report.Settings) -> list[str]:
     top = s.diversity_cfg
 
-    def row(name: str, method: str, x: float, model=None, cfg: float = top) -> report.Row:
+    def row(name: str, method: str, x: float, model: Any = None, cfg: float = top) -> report.Row:
         drawn = ev.draw(data.SEEN, s.per_digit, s.seed, steps=s.steps, cfg=cfg, model=model)
         return report.measure(judge, drawn, s, name, method, x)
 
@@ -53,13 +55,14 @@ def table(ev: Evidence, judge: metrics.Judge, s: report.Settings) -> list[str]:
                           ("adherence", "FD", "Vendi", "pairwise")), "", budget]
 
 
-def fine_tuned(ev: Evidence, s: report.Settings) -> tuple[object, object]:
+def fine_tuned(ev: Evidence, s: report.Settings) -> tuple[Any, Any]:
     """(the gist's model sampled single-pass, the caption-dropout LoRA's model): the same images, steps,
-    LoRA rank, learning rate and batch (4, the head trainer's)."""
+    LoRA rank, learning rate, cosine schedule and batch (4, the head trainer's)."""
     from supercond.nodes.singlepass.nodes import SupercondSinglePass
 
     gist = artifacts.GistRecipe(images=s.gist_images, steps=s.gist_steps, learning_rate=GIST_LR, lora_rank=GIST_RANK)
     dropout = artifacts.LoraRecipe(digits=data.SEEN, images=s.gist_images, steps=s.gist_steps,
-                                   learning_rate=GIST_LR, rank=GIST_RANK, caption_dropout=0.1)
+                                   learning_rate=GIST_LR, rank=GIST_RANK, caption_dropout=0.1,
+                                   lr_schedule="cosine")  # SupercondTrainHead always decays to 0 (cosine)
     single = SupercondSinglePass.execute(artifacts.gist_model(ev, gist), 0, "head").result[0]
     return single, artifacts.with_lora(ev, artifacts.lora_steps(ev, dropout)[s.gist_steps])

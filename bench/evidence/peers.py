@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 AG_THRESHOLD = 0.99  # the ComfyUI node's default
-INTERVAL = (0.28, 5.42)  # sigma range of the guidance-interval paper's SD-XL and EDM2 settings
+INTERVAL = (0.28, 5.42)  # the guidance-interval paper's sigma range for SD-XL (an eps model like this one)
 INTERVAL_KEY = "supercond.evidence.guidance_interval"
 
 
@@ -35,7 +35,7 @@ def adaptive_guider(threshold: float = AG_THRESHOLD):
             self.truncated = False
             self.cfg_steps = 0
 
-        def sample(self, *args, **kwargs):
+        def sample(self, *args: Any, **kwargs: Any) -> torch.Tensor:
             self.truncated, self.cfg_steps = False, 0  # per run, not per guider object
             return super().sample(*args, **kwargs)
 
@@ -66,7 +66,8 @@ class _Interval:
     def __init__(self, lo: float, hi: float) -> None:
         self.lo, self.hi = lo, hi
 
-    def __call__(self, executor, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
+    def __call__(self, executor: Any, x: torch.Tensor, timestep: torch.Tensor, model_options={},  # noqa: B006
+                 seed: int | None = None) -> torch.Tensor:  # ComfyUI's PREDICT_NOISE signature
         guider = executor.class_obj
         sigma = float(timestep.flatten()[0])
         if self.lo < sigma <= self.hi:

@@ -14,7 +14,7 @@ PANELS = {"adherence": "adherence (classifier reads the prompted digit)", "FD": 
           "calls": "diffusion-model calls per image"}
 
 
-def _figure(metric: str, row: report.Row):
+def _figure(metric: str, row: report.Row) -> metrics.Figure | None:
     if metric == "calls":
         return metrics.Figure(row.calls, row.calls, row.calls)
     if metric in row.extra:
@@ -22,7 +22,7 @@ def _figure(metric: str, row: report.Row):
     return report.COLUMNS[metric](row) if row.rep is not None else None
 
 
-def series(rows: Sequence[report.Row], metrics: Sequence[str], xlabel: str, title: str, name: str,
+def series(rows: Sequence[report.Row], panels: Sequence[str], xlabel: str, title: str, name: str,
            xlog: bool = False, against: Sequence[str | None] = ()) -> Path:
     """One panel per metric; one line per method over its rows' x, with interval bars. ``against``: per
     panel, another metric to plot against instead of x (e.g. diversity against adherence)."""
@@ -33,8 +33,8 @@ def series(rows: Sequence[report.Row], metrics: Sequence[str], xlabel: str, titl
     from _common import save_figure
 
     methods = list(dict.fromkeys(r.method for r in rows))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
-    for p, (ax, metric) in enumerate(zip(axes[0], metrics, strict=True)):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for p, (ax, metric) in enumerate(zip(axes[0], panels, strict=True)):
         scatter_x = against[p] if p < len(against) else None
         for i, method in enumerate(methods):
             pts = [(r, _figure(metric, r)) for r in rows if r.method == method]
@@ -45,7 +45,10 @@ def series(rows: Sequence[report.Row], metrics: Sequence[str], xlabel: str, titl
             ys = [f.value for _, f in pts]
             # a percentile interval need not hold the full-set value (tiny or degenerate sets): clip the bars
             err = [[max(0.0, f.value - f.low) for _, f in pts], [max(0.0, f.high - f.value) for _, f in pts]]
-            style = "o-" if len(pts) > 1 and not scatter_x else "o" if scatter_x else "s"
+            if scatter_x:
+                style = "o"  # points against another figure: no line
+            else:
+                style = "o-" if len(pts) > 1 else "s"
             ax.errorbar(xs, ys, yerr=err, fmt=style, capsize=3, ms=4, label=method, color=f"C{i % 10}")
         ax.set_title(PANELS.get(metric, metric), fontsize=9)
         ax.set_xlabel(PANELS.get(scatter_x, scatter_x) if scatter_x else xlabel, fontsize=9)

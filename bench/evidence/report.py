@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +22,9 @@ log = logging.getLogger("supercond.evidence")
 
 @dataclass(frozen=True)
 class Settings:
-    """How much each table draws. ``quick`` keeps every row of every table but draws fewer images,
-    fewer bootstrap rounds and fewer scales / step counts; trained heads and LoRAs are the same."""
+    """How much each table draws. ``quick`` draws fewer images per row, with fewer bootstrap rounds, and
+    fewer guidance scales (table 1) and step counts (table 3); every other row is kept, and the trained
+    heads and LoRAs are the same."""
 
     per_digit: int = 32  # images per prompted digit (tables 0-3)
     rounds: int = 200  # bootstrap rounds
@@ -55,12 +57,13 @@ class Row:
     method: str = ""  # the plot's series
     x: float = 0.0  # the plot's x (scale, steps, training steps, strength)
     extra: dict[str, metrics.Figure] = field(default_factory=dict)  # table-specific figures
+    seconds: float = 0.0  # sampler wall time per image
 
 
 def measure(judge: metrics.Judge, drawn: Drawn, settings: Settings, name: str, method: str = "", x: float = 0.0,
             **extra: metrics.Figure) -> Row:
     row = Row(name, drawn.calls, judge.report(drawn.pixels, drawn.labels, settings.rounds, settings.seed),
-              method or name, x, extra)
+              method or name, x, extra, drawn.seconds)
     log.info("  %s: adherence %.3g, FD %.3g, Vendi %.3g (%.1f calls/image)", name, row.rep.adherence.value,
              row.rep.fd.value, row.rep.vendi.value, row.calls)  # progress: a line per row
     return row
@@ -72,6 +75,7 @@ COLUMNS: dict[str, Callable[[Row], object]] = {
     "Vendi": lambda r: r.rep.vendi,
     "pairwise": lambda r: r.rep.pairwise,
     "nn-dist ratio": lambda r: r.rep.memorization,
+    "ms/image": lambda r: f"{1000 * r.seconds:.0f}",  # sampler wall time, this run's machine and load
 }
 
 
@@ -115,7 +119,7 @@ def train(ev: Evidence, s: Settings) -> None:
     log.info("trained (or found) everything the tables need in %.1f min", (time.perf_counter() - start) / 60)
 
 
-def run(ev: Evidence, judge: metrics.Judge, s: Settings, which: set[int] = frozenset(range(5)),
+def run(ev: Evidence, judge: metrics.Judge, s: Settings, which: AbstractSet[int] = frozenset(range(5)),
         out: Path | None = None) -> None:
     """The tables ``which``, in order, each printed (and appended to ``out``) as soon as it is done."""
     from . import diversity, guidance, schedules, trainer

@@ -1,10 +1,12 @@
 """Drawing digits from the evidence model as a user's graph would: ComfyUI's CheckpointLoaderSimple,
-CLIPTextEncode, KSampler (or SamplerCustomAdvanced with a GUIDER, SIGMAS or NOISE from a node) and
-VAE decode, read back to 8x8 ink for the judge. Every image of a draw is one row of one batch with
-its own prompt, so a table row costs one sampler run; model calls are counted, not assumed."""
+CLIPTextEncode, KSampler (or SamplerCustomAdvanced with a GUIDER or SIGMAS from a node) and VAE
+decode, read back to 8x8 ink for the judge. Every image of a draw is one row of one batch with its
+own prompt, so a table row is one sampler run (one per digit for guiders that decide per batch, with
+the same noise rows). Model calls are counted, not assumed; sampler time is measured."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +27,12 @@ class Drawn:
     pixels: torch.Tensor  # (N, 8, 8) ink
     labels: torch.Tensor  # (N,) the digit each image was prompted with
     calls: float  # diffusion-model evaluations per image (NFE), counted
+    seconds: float = 0.0  # sampler wall time per image (not the VAE decode)
 
     def __add__(self, other: Drawn) -> Drawn:
         n, m = len(self.labels), len(other.labels)
         return Drawn(torch.cat([self.pixels, other.pixels]), torch.cat([self.labels, other.labels]),
-                     (self.calls * n + other.calls * m) / (n + m))
+                     (self.calls * n + other.calls * m) / (n + m), (self.seconds * n + other.seconds * m) / (n + m))
 
 
 class CallCounter:
@@ -38,7 +41,7 @@ class CallCounter:
     def __init__(self) -> None:
         self.rows = 0
 
-    def __call__(self, executor, *args, **kwargs):
+    def __call__(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
         self.rows += int(args[0].shape[0])
         return executor(*args, **kwargs)
 
@@ -55,6 +58,21 @@ def counted(model: Any) -> tuple[Any, CallCounter]:
 
 # (model, positive, negative, cfg) -> GUIDER, for SamplerCustomAdvanced
 GuiderFactory = Callable[[Any, list, list, float], Any]
+
+
+class BatchRows:
+    """A NOISE for SamplerCustomAdvanced: rows [start, stop) of the noise RandomNoise(seed) gives a batch
+    of ``size`` latents, so a batch split per prompt starts from the same noise as the whole batch."""
+
+    def __init__(self, seed: int, size: int, start: int, stop: int) -> None:
+        self.seed, self.size, self.start, self.stop = seed, size, start, stop
+
+    def generate_noise(self, input_latent: dict) -> torch.Tensor:
+        import comfy.sample
+
+        samples = input_latent["samples"]
+        full = comfy.sample.prepare_noise(torch.zeros(self.size, *samples.shape[1:]), self.seed)
+        return full[self.start:self.stop]
 
 
 @dataclass
@@ -105,37 +123,45 @@ class Evidence:
 
     def draw(self, digits: tuple[int, ...], per_digit: int, seed: int, *, model: Any = None, steps: int = 20,
              cfg: float = 5.0, sampler: str = "euler", scheduler: str = "normal", sigmas: torch.Tensor | None = None,
-             guider: GuiderFactory | None = None, noise: Any = None, negative: list | None = None,
-             batch_per_digit: bool = False) -> Drawn:
-        """``per_digit`` images of each digit. One batch (one seed) for all of them, unless
-        ``batch_per_digit`` (one batch per prompt, seed + digit: what a guider that decides for the
-        whole batch needs, e.g. adaptive guidance)."""
+             guider: GuiderFactory | None = None, batch_per_digit: bool = False) -> Drawn:
+        """``per_digit`` images of each digit, one batch from one seed. ``batch_per_digit``: one sampler run
+        per prompt (what a guider that decides for the whole batch needs, e.g. adaptive guidance), each
+        on its rows of the whole batch's noise."""
         if batch_per_digit:
-            draws = [self.draw((d,), per_digit, seed + d, model=model, steps=steps, cfg=cfg, sampler=sampler,
-                               scheduler=scheduler, sigmas=sigmas, guider=guider, noise=noise, negative=negative)
-                     for d in digits]
-            out = draws[0]
-            for d in draws[1:]:
-                out = out + d
+            size = len(digits) * per_digit
+            parts = [self._draw((d,), per_digit, seed, model, steps, cfg, sampler, scheduler, sigmas, guider,
+                                BatchRows(seed, size, i * per_digit, (i + 1) * per_digit))
+                     for i, d in enumerate(digits)]
+            out = parts[0]
+            for part in parts[1:]:
+                out = out + part
             return out
-        plain = model is None and sigmas is None and guider is None and noise is None and negative is None
+        plain = (model is None or model is self.model) and sigmas is None and guider is None
         key = (digits, per_digit, seed, steps, cfg, sampler, scheduler)
         if plain and key in self.memo:
             return self.memo[key]
-        labels = torch.tensor(digits).repeat_interleave(per_digit)
-        m, counter = counted(model if model is not None else self.model)
-        latent = {"samples": torch.zeros(len(labels), 4, data.PX // 8, data.PX // 8)}
-        positive, negative = self.prompts(labels), negative if negative is not None else self.negative
-        with torch.autocast("cpu", dtype=AUTOCAST):
-            out = self._sample(m, positive, negative, latent, seed, steps, cfg, sampler, scheduler, sigmas, guider,
-                               noise)
-        drawn = Drawn(self.decode(out), labels, counter.rows / len(labels))
+        drawn = self._draw(digits, per_digit, seed, model, steps, cfg, sampler, scheduler, sigmas, guider, None)
         if plain:
             self.memo[key] = drawn
         return drawn
 
+    def _draw(self, digits: tuple[int, ...], per_digit: int, seed: int, model: Any, steps: int, cfg: float,
+              sampler: str, scheduler: str, sigmas: torch.Tensor | None, guider: GuiderFactory | None,
+              noise: BatchRows | None) -> Drawn:
+        labels = torch.tensor(digits).repeat_interleave(per_digit)
+        m, counter = counted(model if model is not None else self.model)
+        latent = {"samples": torch.zeros(len(labels), 4, data.PX // 8, data.PX // 8)}
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=AUTOCAST):
+            out = self._sample(m, self.prompts(labels), self.negative, latent, seed, steps, cfg, sampler, scheduler,
+                               sigmas, guider, noise)
+        seconds = (time.perf_counter() - start) / len(labels)
+        return Drawn(self.decode(out), labels, counter.rows / len(labels), seconds)
+
     @staticmethod
-    def _sample(model, positive, negative, latent, seed, steps, cfg, sampler, scheduler, sigmas, guider, noise):
+    def _sample(model: Any, positive: list, negative: list, latent: dict, seed: int, steps: int, cfg: float,
+                sampler: str, scheduler: str, sigmas: torch.Tensor | None, guider: GuiderFactory | None,
+                noise: Any) -> dict:
         import nodes
         from comfy_extras import nodes_custom_sampler as cs
 

@@ -12,21 +12,21 @@ from . import data, metrics, plots, report
 from .sampling import Evidence
 
 
-def sigmas(model: Any, steps: int, spacing: str, zsnr: bool = False):
+def sigmas(model: Any, steps: int, spacing: str, zsnr: bool = False) -> Any:
     from supercond.nodes.schedules.nodes import SupercondScheduleSigmas
 
     return SupercondScheduleSigmas.execute(model, steps, spacing, zsnr, "as_scheduled", 136.0).result[0]
 
 
-def variants(ev: Evidence) -> dict[str, tuple[Any, str | None, bool]]:
-    """Name -> (model, spacing for SupercondScheduleSigmas or None for the KSampler's scheduler, zsnr)."""
+def variants(ev: Evidence) -> dict[str, tuple[Any, str, bool]]:
+    """Name -> (model, the KSampler's scheduler or a SupercondScheduleSigmas spacing, zsnr)."""
     from supercond.nodes.schedules.nodes import SupercondEpsilonScaling, SupercondNoiseCorrection
 
     corrected = SupercondNoiseCorrection.execute(ev.model, 1.0).result[0]
     scaled = SupercondEpsilonScaling.execute(ev.model, 1.005, 0.0).result[0]
     return {
-        "KSampler normal": (ev.model, None, False),
-        "KSampler karras": (ev.model, None, False),
+        "KSampler normal": (ev.model, "normal", False),
+        "KSampler karras": (ev.model, "karras", False),
         "trailing": (ev.model, "trailing", False),
         "leading": (ev.model, "leading", False),
         "trailing + noise correction": (corrected, "trailing", False),
@@ -39,9 +39,9 @@ def table(ev: Evidence, judge: metrics.Judge, s: report.Settings) -> list[str]:
     rows = []
     for name, (model, spacing, zsnr) in variants(ev).items():
         for n in s.schedule_steps:
-            if spacing is None:
+            if name.startswith("KSampler"):
                 drawn = ev.draw(data.SEEN, s.per_digit, s.seed, model=model, steps=n, cfg=s.schedule_cfg,
-                                scheduler=name.split()[-1])
+                                scheduler=spacing)
             else:
                 drawn = ev.draw(data.SEEN, s.per_digit, s.seed, model=model, steps=n, cfg=s.schedule_cfg,
                                 sigmas=sigmas(model, n, spacing, zsnr))

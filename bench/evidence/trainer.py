@@ -9,9 +9,10 @@ memorization regime): FD and how close samples sit to those few images."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from . import artifacts, data, metrics, plots, report
-from .sampling import Evidence
+from .sampling import Drawn, Evidence
 
 DOZENS = 36  # images of the held-out digit for the curves
 FEW = 8  # the memorization regime
@@ -43,7 +44,7 @@ def loras(ev: Evidence, s: report.Settings) -> dict[str, dict[int, str]]:
 def table(ev: Evidence, judge: metrics.Judge, s: report.Settings) -> list[str]:
     digit = (data.HELD_OUT,)
 
-    def sample(model=None):
+    def sample(model: Any = None) -> Drawn:
         return ev.draw(digit, s.trainer_samples, s.seed, steps=s.steps, cfg=CFG, model=model)
 
     rows = [report.measure(judge, sample(), s, "base model, no LoRA", "base", 0)]
@@ -65,7 +66,7 @@ def table(ev: Evidence, judge: metrics.Judge, s: report.Settings) -> list[str]:
         memo.append(report.measure(judge, drawn, s, f"{name}, {recipe.steps} steps", name, recipe.steps,
                                    copying=copying))
         shown[name] = drawn.pixels[:12]
-    shown["its training images"] = artifacts.training_images(digit, FEW).pixels
+    shown["its training images"] = artifacts.training_images(digit, FEW, recipe.seed).pixels
     plots.grid(shown, f"LoRAs on {FEW} images of the unseen digit, CEP off and on", "evidence_trainer_few.png")
     return [*report.lines(f"4. LoRA trainer: the unseen digit {data.HELD_OUT}, {DOZENS} images, lr {s.lora_lr:g}, "
                           f"rank 8, batch 4 (cfg {CFG:g}, {s.trainer_samples} samples a row)", rows,
