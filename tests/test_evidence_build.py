@@ -123,7 +123,7 @@ def test_the_peers_skip_the_calls_they_should(ev):
     assert ev.draw((1,), 2, seed=0, steps=4, cfg=5.0, model=peers.guidance_interval(ev.model, 0.0, 1e9)).calls == 8
 
 
-MINI = dict(per_digit=2, rounds=5, steps=2, scales=(3.0,), schedule_steps=(2,), trainer_samples=4, lora_steps=2,
+MINI = dict(per_digit=2, rounds=5, steps=2, few_steps=2, scales=(3.0,), schedule_steps=(2,), trainer_samples=4, lora_steps=2,
             lora_every=1, head_steps=2, gist_steps=2, gist_images=2)
 
 
@@ -137,7 +137,7 @@ def test_every_table_prints_its_rows_and_writes_its_plot(ev, judge, caplog, monk
         report.train(ev, settings)
         report.run(ev, judge, settings, out=tmp_path / "report.md")
     text = caplog.text
-    for title in ("0. Has the model learned", "1. Single-pass heads", "2. Diversity", "3. Schedules at",
+    for title in ("0. Has the model learned", "1. Single-pass heads", "1b. The same at 2 steps", "2. Diversity", "3. Schedules at",
                   "4. LoRA trainer", "4b. CEP in the memorization regime"):
         assert title in text
     assert "single-pass last_block head, 2 steps, cfg 3 | 2.0 |" in text  # one call a step, counted

@@ -30,6 +30,7 @@ class Settings:
     rounds: int = 200  # bootstrap rounds
     seed: int = 0  # sampling seed: another seed draws new images from the same models
     steps: int = 20  # sampler steps where a table does not vary them
+    few_steps: int = 8  # table 1b: where CFG at half the steps (4) loses quality
     scales: tuple[float, ...] = (1.5, 3.0, 5.0, 8.0)  # table 1
     diversity_cfg: float = 8.0  # table 2: where CFG's mode collapse is strongest
     schedule_steps: tuple[int, ...] = (2, 4, 8, 20)  # table 3
