@@ -149,11 +149,11 @@ def input_dir(comfy, tmp_path, monkeypatch):
     return d
 
 
-def load_dataset(fam, folder, **kw):
+def load_dataset(fam, folder, clip=None, **kw):
     from supercond.nodes.train.dataset import SupercondLoadDataset
 
     args = dict(resolution=64, flip=True, random_crop=True, seed=0) | kw
-    return SupercondLoadDataset.execute(folder, fam.clip, fam.vae, **args).result
+    return SupercondLoadDataset.execute(folder, clip or fam.clip, fam.vae, **args).result
 
 
 def test_dataset_example_cache_and_caption_dropout(fixture_checkpoints, input_dir, loras, monkeypatch):
@@ -167,8 +167,71 @@ def test_dataset_example_cache_and_caption_dropout(fixture_checkpoints, input_di
         lat2, cond2 = load_dataset(fam, "supercond_example")  # from the cache: no encoding
     assert not calls and torch.equal(lat2["samples"], lat["samples"])
     assert torch.equal(cond2[3][0], cond[3][0])
-    run(fam, {"samples": lat["samples"][:2]}, cond[:2], steps=2, caption_dropout=0.5, cep_gamma=1.0,
-        input_perturbation=0.1, offset_noise=0.1, pyramid_iterations=2, loss_weighting="min_snr")
+
+
+def lora_file(path: str) -> dict:
+    import comfy.utils
+
+    return comfy.utils.load_torch_file(path)
+
+
+def test_caption_dropout_trains_on_the_datasets_empty_prompt(fixture_checkpoints, input_dir, loras):
+    """caption_dropout 1 replaces every caption by the empty prompt the dataset attached: bit-identical
+    to training on the empty prompt's encoding with dropout off."""
+    from comfy_helpers import encode
+
+    fam = fam_of("eps", fixture_checkpoints)
+    lat, cond = load_dataset(fam, "supercond_example")
+    lat = {"samples": lat["samples"][:2]}
+    dropped = run(fam, lat, cond[:2], steps=2, caption_dropout=1.0, filename_prefix="t/drop").result[1]
+    empty = run(fam, lat, encode(fam, "") * 2, steps=2, filename_prefix="t/empty").result[1]
+    kept = run(fam, lat, cond[:2], steps=2, filename_prefix="t/kept").result[1]
+    a, b, c = lora_file(dropped), lora_file(empty), lora_file(kept)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("setting", [dict(cep_gamma=1.0), dict(input_perturbation=0.1), dict(offset_noise=0.1),
+                                     dict(pyramid_iterations=2), dict(loss_weighting="min_snr")])
+def test_each_regularizer_changes_the_trained_lora(setting, fixture_checkpoints, loras):
+    """Through the real ComfyUI: each regularizer on trains a different LoRA from the plain objective
+    (tier A checks what exactly each one changes), and the loss stays finite."""
+    fam = fam_of("eps", fixture_checkpoints)
+    lat, cond = data(fam)
+    name = next(iter(setting))
+    plain = lora_file(run(fam, lat, cond, steps=2, filename_prefix="t/plain").result[1])
+    changed = lora_file(run(fam, lat, cond, steps=2, filename_prefix=f"t/{name}", **setting).result[1])
+    assert plain.keys() == changed.keys()
+    assert any(not torch.equal(plain[k], changed[k]) for k in plain if k.endswith("weight"))
+    assert all(torch.isfinite(v.float()).all() for v in changed.values())
+
+
+def test_dataset_cache_follows_clip_skip_and_clip_loras(fixture_checkpoints, input_dir, monkeypatch):
+    """The cache keys on what decides the encoding: CLIPSetLastLayer and a LoRA on the CLIP give their
+    own (fresh, correct) conditionings, not the cached plain ones; the same patched CLIP again is a hit."""
+    import nodes
+
+    fam = fam_of("eps", fixture_checkpoints)
+    _, plain = load_dataset(fam, "supercond_example")
+    (skip,) = nodes.CLIPSetLastLayer().set_last_layer(fam.clip, -2)
+    key = next(k for k in fam.clip.patcher.model.state_dict() if k.endswith("layers.0.mlp.fc1.weight"))
+    weight = fam.clip.patcher.model.state_dict()[key]
+    delta = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 0.05
+    patched = fam.clip.clone()
+    patched.add_patches({key: ("diff", (delta,))}, 1.0)
+    half = fam.clip.clone()
+    half.add_patches({key: ("diff", (delta,))}, 0.5)
+    for clip in (skip, patched, half):
+        _, conds = load_dataset(fam, "supercond_example", clip=clip)
+        tokens, _ = nodes.CLIPTextEncode().encode(clip, (input_dir / "supercond_example" / "example_00.txt")
+                                                   .read_text())[0][0]
+        assert torch.allclose(conds[0][0], tokens, atol=1e-5), "the cache returned another CLIP's encoding"
+        assert not torch.allclose(conds[0][0], plain[0][0], atol=1e-4)
+    calls = []
+    with monkeypatch.context() as m:
+        m.setattr(patched, "encode_from_tokens_scheduled", lambda *a, **k: calls.append(1))
+        load_dataset(fam, "supercond_example", clip=patched)
+    assert not calls, "the same patched CLIP should be a cache hit"
 
 
 def test_dataset_errors_name_the_file(fixture_checkpoints, input_dir):

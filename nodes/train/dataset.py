@@ -16,15 +16,53 @@ from ..inputs import MAX_SEED
 from .dataset_files import load_image, write_example
 
 log = logging.getLogger("supercond")
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: keys include CLIP skip and LoRA patches
 
 
-def _fingerprint(module: torch.nn.Module) -> str:
-    """Cheap identity of a model's weights (count, first and last tensors' sums) for cache keys."""
-    params = [p for p in module.state_dict().values() if torch.is_tensor(p) and p.numel()]
-    if not params:
+def _fingerprint(module: torch.nn.Module, backup: dict | None = None) -> str:
+    """Cheap identity of a model's base weights (count, first, middle and last tensors' sums) for cache
+    keys. ``backup``: ModelPatcher's originals of weights patched in place, so a model that is loaded
+    with its LoRA applied reads the same as when it is not."""
+    state = [(k, v) for k, v in module.state_dict().items() if torch.is_tensor(v) and v.numel()]
+    if not state:
         return "none"
-    return f"{len(params)}:{float(params[0].float().sum()):.6e}:{float(params[-1].float().sum()):.6e}"
+    picks = [state[0], state[len(state) // 2], state[-1]]
+    sums = []
+    for key, value in picks:
+        original = (backup or {}).get(key)
+        tensor = original.weight if original is not None else value
+        sums.append(f"{float(tensor.float().sum()):.6e}")
+    return f"{len(state)}:" + ":".join(sums)
+
+
+def _describe(value, out: list[str], depth: int = 0) -> None:
+    """A patch's content as text: tensors by shape and sums, adapters by their weights, numbers as is."""
+    if depth > 4:
+        out.append(type(value).__name__)
+    elif torch.is_tensor(value):
+        v = value.detach().float()
+        out.append(f"T{tuple(v.shape)}:{float(v.sum()):.6e}:{float(v.abs().sum()):.6e}")
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _describe(item, out, depth + 1)
+    elif hasattr(value, "weights"):  # comfy.weight_adapter adapters (LoRA, LoHa, ...)
+        out.append(type(value).__name__)
+        _describe(value.weights, out, depth + 1)
+    elif value is None or isinstance(value, (str, int, float, bool)):
+        out.append(repr(value))
+    else:
+        out.append(getattr(value, "__name__", type(value).__name__))
+
+
+def encoder_identity(patcher, extra: str = "") -> str:
+    """What decides an encoder's outputs: its base weights, every patch on them (a LoRA from LoraLoader,
+    with its strengths) and ``extra`` settings (CLIPSetLastLayer's layer). Without the patches a cache
+    keyed on weights alone returns the unpatched encoding after a LoRA is added."""
+    parts = [_fingerprint(patcher.model, getattr(patcher, "backup", None)), extra]
+    for key in sorted(getattr(patcher, "patches", {}), key=str):
+        parts.append(str(key))
+        _describe(patcher.patches[key], parts)
+    return content_key(*parts)
 
 
 def augment(pixels: torch.Tensor, resolution: int, flip: bool, random_crop: bool, seed: int) -> torch.Tensor:
@@ -111,7 +149,8 @@ class SupercondLoadDataset(io.ComfyNode):
             log.info("supercond: wrote the example dataset to %s", path)
         pairs = list_pairs(path)
         cache = Path(folder_paths.get_user_directory()) / "supercond_cache" / "dataset"
-        vae_fp, clip_fp = _fingerprint(vae.first_stage_model), _fingerprint(clip.cond_stage_model)
+        vae_fp = encoder_identity(vae.patcher)
+        clip_fp = encoder_identity(clip.patcher, f"layer {clip.layer_idx}")
         empty = _cached(cache / f"{content_key('empty', clip_fp, CACHE_VERSION)}.safetensors",
                         lambda: _encode_text(clip, ""))
         latents, conds = [], []
