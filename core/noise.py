@@ -3,9 +3,10 @@
 
 - ``seeded_noise`` reproduces ComfyUI's ``comfy.sample.prepare_noise`` bit for bit (same seed,
   same ``batch_index`` handling) without touching the global RNG.
-- ``structure_noise`` adds pyramid noise (kohya's ``pyramid_noise_like``) and offset noise
-  (Guttenberg 2023, kohya's ``noise_offset``) with one private generator per batch row, seeded
-  from (seed, the row's batch index), so a row's noise does not depend on the rest of the batch.
+- ``structure_noise`` adds offset noise (Guttenberg 2023, kohya's ``noise_offset``) and pyramid
+  noise (kohya's ``pyramid_noise_like``), in kohya's order, with one private generator per batch
+  row, seeded from (seed, the row's batch index), so a row's noise does not depend on the rest of
+  the batch.
 """
 
 from __future__ import annotations
@@ -60,16 +61,19 @@ def offset_component(shape: Sequence[int], generators: Sequence[torch.Generator]
 
 def pyramid_noise(noise: torch.Tensor, generators: Sequence[torch.Generator], iterations: int,
                   discount: float) -> torch.Tensor:
-    """kohya's ``pyramid_noise_like``, per row: add bilinearly upsampled noise drawn at sizes
-    (H, W) / r^i (r ~ U(2, 4) per level), weighted discount^i, until a side reaches 1. Not
-    renormalised (``structure_noise`` does that). Axes between channel and the last two (video
-    frames) get their own draws."""
+    """kohya's ``pyramid_noise_like`` (multi-resolution noise), per row: for levels i = 0, 1, ... (at
+    most ``iterations``) draw r ~ U(2, 4) and noise at (H, W) / r^i, upsample it bilinearly and add it
+    weighted discount^i; stop once a side is 1. Level 0 is a second full-resolution draw, as in kohya.
+    Not renormalised (``structure_noise`` does that). The one difference from kohya: each row draws its
+    own r and noise from its own generator (kohya: one r per level for the batch, global RNG), so a
+    row's noise does not depend on the rest of the batch. Axes between channel and the last two
+    (video frames) get their own draws."""
     h, w = noise.shape[-2:]
     flat = noise.float().reshape(noise.shape[0], -1, h, w)
     out = []
     for row, g in zip(flat, generators, strict=False):
         acc = row.clone()
-        for i in range(1, iterations + 1):
+        for i in range(iterations):
             r = float(torch.rand((), generator=g)) * 2 + 2
             hn, wn = max(1, int(h / r**i)), max(1, int(w / r**i))
             small = torch.randn((1, row.shape[0], hn, wn), generator=g, dtype=torch.float32)
@@ -83,13 +87,13 @@ def pyramid_noise(noise: torch.Tensor, generators: Sequence[torch.Generator], it
 def structure_noise(noise: torch.Tensor, generators: Sequence[torch.Generator], offset: float = 0.0,
                     pyramid_iterations: int = 0, pyramid_discount: float = 0.3,
                     normalize: bool = True) -> torch.Tensor:
-    """Pyramid noise, then offset noise, on top of unit noise [B, C, ...] (one generator per row).
+    """Offset noise, then pyramid noise, on top of unit noise [B, C, ...] (one generator per row), in
+    kohya's order (``apply_noise_offset`` then ``pyramid_noise_like``).
 
-    normalize (sampling): each row's pyramid noise is divided by its own std, and the offset sum
-    n + offset*delta by sqrt(1 + offset^2), so the result has unit variance and per-channel means
-    offset*delta_c/sqrt(1 + offset^2). normalize=False (training, as kohya): n + offset*delta and
-    pyramid noise divided by its std over the whole batch. offset 0 and iterations 0 return
-    ``noise`` itself.
+    normalize=False (training, as kohya): n + offset*delta, then pyramid noise added and the sum
+    divided by its std over the whole batch. normalize=True (sampling, SupercondOffsetNoise): unit
+    variance per row: n + offset*delta divided by sqrt(1 + offset^2) without pyramid noise, by the
+    row's own std with it. offset 0 and iterations 0 return ``noise`` itself.
     """
     if offset < 0 or not math.isfinite(offset):
         raise NoiseError(f"offset must be a finite number >= 0, got {offset}")
@@ -104,14 +108,14 @@ def structure_noise(noise: torch.Tensor, generators: Sequence[torch.Generator], 
     if offset == 0 and pyramid_iterations == 0:
         return noise
     out = noise.float()
+    if offset > 0:
+        out = out + offset * offset_component(out.shape, generators)
     if pyramid_iterations > 0:
         out = pyramid_noise(out, generators, pyramid_iterations, pyramid_discount)
         if normalize:
             out = out / out.flatten(1).std(dim=1).view(-1, *([1] * (out.dim() - 1)))
         else:
             out = out / out.std()
-    if offset > 0:
-        out = out + offset * offset_component(out.shape, generators)
-        if normalize:
-            out = out / math.sqrt(1.0 + offset * offset)
+    elif normalize:
+        out = out / math.sqrt(1.0 + offset * offset)
     return out.to(noise.dtype)

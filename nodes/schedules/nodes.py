@@ -163,7 +163,8 @@ class SupercondOffsetNoise(io.ComfyNode):
                              tooltip="Same seed as RandomNoise gives the same base noise."),
                 io.Float.Input("offset", default=0.1, min=0.0, max=1.0, step=0.01,
                                tooltip="Std of the per-channel constant added to the noise (kohya's noise_offset; "
-                                       "0.05-0.2 typical); the sum is divided by sqrt(1 + offset^2)."),
+                                       "0.05-0.2 typical); the sum is divided by sqrt(1 + offset^2), or by its std with "
+                                       "pyramid noise on."),
                 io.Int.Input("pyramid_iterations", default=0, min=0, max=16,
                              tooltip="Levels of multi-resolution noise (0 = off; 6-10 in kohya's sd-scripts)."),
                 io.Float.Input("pyramid_discount", default=0.3, min=0.01, max=1.0, step=0.01,
