@@ -10,6 +10,8 @@ only what it should.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -21,6 +23,8 @@ from . import objective as obj
 from .noise import row_generators, structure_noise
 from .perturb import DISTRIBUTIONS, apply_cep
 from .seeds import seeded_generator
+
+log = logging.getLogger("supercond")
 
 Cond = dict[str, Any]  # one prompt, e.g. {"cross_attn": [1, T, D], "pooled_output": [1, P], "guidance": 3.5}
 Denoise = Callable[[torch.Tensor, torch.Tensor, Sequence[Cond]], torch.Tensor]
@@ -233,11 +237,31 @@ class Trainer:
         return value
 
     # -- resume ----------------------------------------------------------------------------------
+    def data_digest(self) -> str:
+        """Identity of what the run trains on: the latents and every conditioning tensor."""
+        h = hashlib.sha256()
+        for row in [{"latents": self.latents}, *self.conds, self.empty or {}]:
+            for key in sorted(row):
+                value = row[key]
+                h.update(key.encode())
+                if isinstance(value, torch.Tensor):
+                    h.update(str(tuple(value.shape)).encode())
+                    h.update(value.detach().float().contiguous().numpy().tobytes())
+                else:
+                    h.update(repr(value).encode())
+        return h.hexdigest()[:32]
+
     def state_dict(self) -> dict:
         return {"step": self.step, "losses": list(self.losses), "optimizer": self.optimizer.state_dict(),
-                "params": [p.detach().cpu().clone() for p in self.params]}
+                "params": [p.detach().cpu().clone() for p in self.params],
+                "config": resumable_config(self.cfg), "data": self.data_digest()}
 
     def load_state_dict(self, state: Mapping) -> None:
+        missing = [k for k in ("step", "losses", "optimizer", "params") if not isinstance(state, Mapping)
+                   or k not in state]
+        if missing:
+            raise TrainError(f"it is not a Supercond trainer state (no {', '.join(missing)})")
+        check_resume(state, resumable_config(self.cfg), self.data_digest())
         if len(state["params"]) != len(self.params):
             raise TrainError("the checkpoint's LoRA has a different layer set: train on the same model and rank")
         with torch.no_grad():
@@ -249,6 +273,29 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.losses = [float(x) for x in state["losses"]]
+
+
+def resumable_config(cfg: Any) -> dict:
+    """The settings a resumed run must share with the run it continues: all but ``steps`` (a resumed
+    run may go on to a new total)."""
+    return {k: v for k, v in asdict(cfg).items() if k != "steps"}
+
+
+def check_resume(state: Mapping, config: Mapping, data: str) -> None:
+    """Refuse to continue a run with other settings or data, naming what changed. States written before
+    these were recorded are resumed as before, with a warning."""
+    if "config" not in state:
+        log.warning("supercond: this trainer state does not record its settings (an older Supercond): "
+                    "resuming without checking that they match")
+        return
+    old = state["config"]
+    changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in config.items() if old.get(k) != v]
+    if changed:
+        raise TrainError(f"the run was started with other settings ({'; '.join(changed)}). Resume with the "
+                         "same settings (only steps may change) or switch resume off to start over")
+    if state.get("data") != data:
+        raise TrainError("the run was started on other data (the latents or captions differ). Resume on the "
+                         "same dataset or switch resume off to start over")
 
 
 def _stored(row: Cond) -> Cond:

@@ -193,6 +193,29 @@ def test_resume_equals_straight_run():
         assert torch.equal(p, q)
 
 
+def test_resume_refuses_other_settings_or_data_naming_what_changed(caplog):
+    b, net_b, _ = make(cfg(steps=4))
+    with net_b.attached():
+        b.train_step()
+    state = b.state_dict()
+    longer, _, _ = make(cfg(steps=40))  # only steps may change
+    longer.load_state_dict(state)
+    assert longer.step == 1
+    other, _, _ = make(cfg(steps=4, learning_rate=2e-2, offset_noise=0.1))
+    with pytest.raises(TrainError, match=r"learning_rate 0.01 -> 0.02; offset_noise 0.0 -> 0.1"):
+        other.load_state_dict(state)
+    fewer, _, _ = make(cfg(steps=4), n=3)
+    with pytest.raises(TrainError, match="other data"):
+        fewer.load_state_dict(state)
+    with pytest.raises(TrainError, match="not a Supercond trainer state"):
+        fewer.load_state_dict({"step": 1})
+    old = {k: v for k, v in state.items() if k not in ("config", "data")}  # written before they were recorded
+    legacy, _, _ = make(cfg(steps=4))
+    with caplog.at_level("WARNING", logger="supercond"):
+        legacy.load_state_dict(old)
+    assert legacy.step == 1 and "older Supercond" in caplog.text
+
+
 def test_bad_input_is_refused_with_a_clear_message():
     with pytest.raises(TrainError, match="steps must be >= 1"):
         make(cfg(steps=0))

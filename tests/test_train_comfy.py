@@ -114,6 +114,26 @@ def test_cancel_keeps_a_loadable_checkpoint_and_resume_continues(fixture_checkpo
     assert path.endswith("lora_000003.safetensors")
 
 
+def test_resume_refuses_changed_settings_and_damaged_states(fixture_checkpoints, loras):
+    """Resume names what changed instead of silently mixing two runs; a damaged .state.pt gets a message,
+    not a raw unpickling error; neither touches the checkpoint on disk."""
+    fam = fam_of("eps", fixture_checkpoints)
+    lat, cond = data(fam)
+    run(fam, lat, cond, steps=2, filename_prefix="r/lora")
+    state = loras / "r" / "lora_000002.state.pt"
+    for change, message in [(dict(rank=8, alpha=8.0), r"rank 4 -> 8; alpha 4.0 -> 8.0"),
+                            (dict(learning_rate=5e-3), r"learning_rate 0.001 -> 0.005")]:
+        with pytest.raises(ValueError, match=message):
+            run(fam, lat, cond, steps=4, filename_prefix="r/lora", resume=True, **change)
+    other_lat, _ = data(fam, seed=1)
+    with pytest.raises(ValueError, match="other data"):
+        run(fam, other_lat, cond, steps=4, filename_prefix="r/lora", resume=True)
+    state.write_bytes(state.read_bytes()[:100])  # truncated, as by a full disk
+    with pytest.raises(ValueError, match="lora_000002.state.pt is damaged or not a trainer state"):
+        run(fam, lat, cond, steps=4, filename_prefix="r/lora", resume=True)
+    assert sorted(f.name for f in (loras / "r").iterdir()) == ["lora_000002.safetensors", "lora_000002.state.pt"]
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(filename_prefix="../escape"), "outside the loras folder"),
     (dict(filename_prefix="/abs/x"), "relative path"),

@@ -426,9 +426,10 @@ def _resume(mp: Any, trainer: HeadTrainer, stem: Path) -> None:
     if found is None:
         log.info("supercond: no head checkpoint of %s to resume; starting at step 0", stem)
         return
+    state = tm.read_state(tm.state_file(found[0]))
     try:
         hook.head_from_file(mp, found[0], name=found[0].name, node=NODE)  # the file must fit this model
-        trainer.load_state_dict(torch.load(tm.state_file(found[0]), weights_only=True))
+        trainer.load_state_dict(state)
     except (InputError, core_heads.HeadFileError, ho.HeadTrainError) as e:
         raise InputError(f"cannot resume from {found[0]}: {e}. Use another filename_prefix or switch resume "
                              "off") from None

@@ -14,7 +14,7 @@ from ...core.files import save_atomic, torch_save_atomic
 from ...core.lora import LoRANetwork, kohya_metadata
 from ...core.perturb import DISTRIBUTIONS
 from ...core.seeds import seeded_generator
-from ...core.train import TrainConfig, Trainer
+from ...core.train import TrainConfig, Trainer, TrainError
 from .. import family as fm
 from ..errors import InputError
 from ..inputs import MAX_SEED, float_input, int_input
@@ -169,7 +169,10 @@ def train(model, latents: torch.Tensor, rows: list[dict], empty: dict | None, cf
             if found is None:
                 log.info("supercond: no checkpoint of %s to resume; starting at step 0", stem)
             else:
-                trainer.load_state_dict(torch.load(tm.state_file(found[0]), weights_only=True))
+                try:
+                    trainer.load_state_dict(tm.read_state(tm.state_file(found[0])))
+                except TrainError as e:
+                    raise InputError(f"cannot resume from {found[0].name}: {e}") from None
                 log.info("supercond: resumed %s at step %d", found[0].name, trainer.step)
         meta_base = tm.base_model_name(mp)
 

@@ -105,6 +105,16 @@ def state_file(lora_file: Path) -> Path:
     return lora_file.with_suffix(".state.pt")
 
 
+def read_state(path: Path) -> dict:
+    """A ``.state.pt`` for resume, or a message saying it cannot be used (never a raw unpickling error)."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # truncated, damaged, or not written by torch.save at all
+        raise InputError(f"cannot resume: {path.name} is damaged or not a trainer state "
+                         f"({type(e).__name__}: {str(e)[:160]}). Switch resume off to start over, or use "
+                         "another filename_prefix") from None
+
+
 def last_checkpoint(stem: Path) -> tuple[Path, int] | None:
     """The highest-step ``<stem>_<step>.safetensors`` that has its optimizer-state file."""
     pattern = re.compile(re.escape(stem.name) + r"_(\d{6})\.safetensors$")
