@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from . import objective as obj
+from . import optim
 from .noise import row_generators, structure_noise
 from .perturb import DISTRIBUTIONS, apply_cep
 from .seeds import seeded_generator
@@ -67,6 +68,7 @@ class TrainConfig:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     max_grad_norm: float = 0.0
+    optimizer: str = "adamw"
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -81,6 +83,8 @@ class TrainConfig:
             raise TrainError(f"loss_weighting must be one of {obj.WEIGHTINGS}, got {self.loss_weighting!r}")
         if self.cep_distribution not in DISTRIBUTIONS:
             raise TrainError(f"cep_distribution must be one of {DISTRIBUTIONS}")
+        if self.optimizer not in optim.OPTIMIZERS:
+            raise TrainError(f"optimizer must be one of {optim.OPTIMIZERS}, got {self.optimizer!r}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise TrainError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         for name in ("cep_gamma", "input_perturbation", "offset_noise", "max_grad_norm"):
@@ -159,7 +163,10 @@ class Trainer:
         self.empty = _stored(empty_cond) if empty_cond else None
         self.text_parts = dict(TEXT_PARTS if text_parts is None else text_parts)
         self.device = torch.device(device)
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=0.0)
+        try:
+            self.optimizer = optim.make(cfg.optimizer, self.params, cfg.learning_rate, self.device)
+        except optim.OptimizerError as e:
+            raise TrainError(str(e)) from None
         self.step = 0  # optimizer steps done
         self.losses: list[float] = []
 

@@ -134,6 +134,24 @@ def test_resume_refuses_changed_settings_and_damaged_states(fixture_checkpoints,
     assert sorted(f.name for f in (loras / "r").iterdir()) == ["lora_000002.safetensors", "lora_000002.state.pt"]
 
 
+def test_optimizer_choice_through_comfyui(fixture_checkpoints, loras):
+    """The node offers what runs on this CPU (no 8-bit AdamW), trains with it, and resume refuses to
+    switch optimizers midway; a prompt without the input (saved before it existed) trains with AdamW."""
+    from supercond.nodes.train.lora import SupercondTrainLoRA
+
+    (combo,) = [i for i in SupercondTrainLoRA.define_schema().inputs if i.id == "optimizer"]
+    assert combo.options == ["adamw", "prodigy", "adafactor"] and combo.optional
+    fam = fam_of("eps", fixture_checkpoints)
+    lat, cond = data(fam)
+    plain = lora_file(run(fam, lat, cond, steps=2, filename_prefix="o/plain").result[1])
+    adamw = lora_file(run(fam, lat, cond, steps=2, filename_prefix="o/adamw", optimizer="adamw").result[1])
+    adafactor = lora_file(run(fam, lat, cond, steps=2, filename_prefix="o/lora", optimizer="adafactor").result[1])
+    assert all(torch.equal(plain[k], adamw[k]) for k in plain)
+    assert any(not torch.equal(plain[k], adafactor[k]) for k in plain)
+    with pytest.raises(ValueError, match="optimizer 'adafactor' -> 'prodigy'"):
+        run(fam, lat, cond, steps=4, filename_prefix="o/lora", optimizer="prodigy", learning_rate=1.0, resume=True)
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(filename_prefix="../escape"), "outside the loras folder"),
     (dict(filename_prefix="/abs/x"), "relative path"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from comfy_api.v0_0_2 import io, ui
 
-from ...core import objective
+from ...core import objective, optim
 from ...core.files import save_atomic, torch_save_atomic
 from ...core.lora import LoRANetwork, kohya_metadata
 from ...core.perturb import DISTRIBUTIONS
@@ -56,6 +56,18 @@ def conds_from(conditioning: list) -> tuple[list[dict], dict | None]:
     return rows, empty
 
 
+def optimizer_input() -> io.Combo.Input:
+    """The optimizer choice: only those that run on this ComfyUI's device with the installed packages."""
+    import comfy.model_management as mm
+
+    names = optim.available(mm.get_torch_device())
+    missing = [n for n in optim.OPTIMIZERS if n not in names]
+    tip = "; ".join(f"{n}: {optim.DESCRIPTIONS[n]}" for n in names)
+    if missing:
+        tip += f". Not available here: {', '.join(missing)} (see the README)"
+    return io.Combo.Input("optimizer", options=names, default="adamw", optional=True, tooltip=tip + ".")
+
+
 class SupercondTrainLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -72,7 +84,7 @@ class SupercondTrainLoRA(io.ComfyNode):
                 io.Latent.Input("latents", tooltip="The training images as latents (VAE-encoded)."),
                 io.Conditioning.Input("conditioning", tooltip="One conditioning per latent, or one for all."),
                 int_input("steps", 200, 1, 1_000_000, "Total optimizer steps (with resume: the total to reach)."),
-                float_input("learning_rate", 1e-4, 1e-8, 1.0, 1e-6, "AdamW learning rate."),
+                float_input("learning_rate", 1e-4, 1e-8, 1.0, 1e-6, "Learning rate (Prodigy: 1.0, a multiplier of the step size it estimates)."),
                 int_input("rank", 8, 1, 256, "LoRA rank (dimension of the low-rank update)."),
                 float_input("alpha", 8.0, 0.0, 1024.0, 0.5, "LoRA alpha; the update is scaled by alpha/rank."),
                 int_input("batch_size", 1, 1, 256, "Latents per micro-batch."),
@@ -108,6 +120,7 @@ class SupercondTrainLoRA(io.ComfyNode):
                 io.Boolean.Input("resume", default=False,
                                  tooltip="Continue from the last checkpoint of this prefix, optimizer state "
                                          "included, up to steps."),
+                optimizer_input(),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained LoRA (as LoraLoader "
@@ -123,7 +136,7 @@ class SupercondTrainLoRA(io.ComfyNode):
                 grad_accumulation, prediction, loss_weighting, min_snr_gamma, cep_gamma, cep_distribution,
                 input_perturbation, offset_noise, pyramid_iterations, caption_dropout, seed,
                 gradient_checkpointing, lr_schedule, warmup_steps, max_grad_norm, save_every,
-                filename_prefix, resume) -> io.NodeOutput:
+                filename_prefix, resume, optimizer="adamw") -> io.NodeOutput:
         import folder_paths
 
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
@@ -131,7 +144,7 @@ class SupercondTrainLoRA(io.ComfyNode):
         cfg = TrainConfig(steps, learning_rate, rank, alpha, batch_size, grad_accumulation,
                           tm.auto_prediction(model, prediction, NODE), loss_weighting, min_snr_gamma, cep_gamma,
                           cep_distribution, input_perturbation, offset_noise, pyramid_iterations, caption_dropout,
-                          seed, lr_schedule, warmup_steps, max_grad_norm)
+                          seed, lr_schedule, warmup_steps, max_grad_norm, optimizer)
         cfg.validate()
         stem = train_run.prefix_path(folder_paths.get_folder_paths("loras")[0], filename_prefix, "loras")
         train_run.check_writable(stem.parent, "LoRA files")
