@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -69,6 +70,7 @@ class TrainConfig:
     warmup_steps: int = 0
     max_grad_norm: float = 0.0
     optimizer: str = "adamw"
+    ema_decay: float = 0.0  # 0 = off
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -85,6 +87,8 @@ class TrainConfig:
             raise TrainError(f"cep_distribution must be one of {DISTRIBUTIONS}")
         if self.optimizer not in optim.OPTIMIZERS:
             raise TrainError(f"optimizer must be one of {optim.OPTIMIZERS}, got {self.optimizer!r}")
+        if not (0.0 <= self.ema_decay < 1.0):
+            raise TrainError(f"ema_decay must be in [0, 1) (0 = off, 0.999 typical), got {self.ema_decay}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise TrainError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         for name in ("cep_gamma", "input_perturbation", "offset_noise", "max_grad_norm"):
@@ -168,6 +172,7 @@ class Trainer:
         except optim.OptimizerError as e:
             raise TrainError(str(e)) from None
         self.step = 0  # optimizer steps done
+        self.ema = [p.detach().float().clone() for p in self.params] if cfg.ema_decay > 0 else None
         self.losses: list[float] = []
 
     # -- data ------------------------------------------------------------------------------------
@@ -239,9 +244,38 @@ class Trainer:
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
+        self._update_ema()
         self.step += 1
         self.losses.append(value)
         return value
+
+    # -- EMA -------------------------------------------------------------------------------------
+    def _update_ema(self) -> None:
+        """ema <- d ema + (1 - d) params, d = min(ema_decay, (1 + t) / (10 + t)) at update t = 0, 1, ...
+        (diffusers' EMAModel warm-up), so a short run's EMA is not stuck near the zero-initialised start."""
+        if self.ema is None:
+            return
+        d = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for e, p in zip(self.ema, self.params, strict=True):
+                e.mul_(d).add_(p.detach().float(), alpha=1 - d)
+
+    @contextmanager
+    def ema_applied(self) -> Iterator[None]:
+        """The parameters hold the EMA inside the block (to save or sample it), their own values after."""
+        if self.ema is None:
+            yield
+            return
+        own = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, e in zip(self.params, self.ema, strict=True):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, o in zip(self.params, own, strict=True):
+                    p.copy_(o)
 
     # -- resume ----------------------------------------------------------------------------------
     def data_digest(self) -> str:
@@ -261,7 +295,8 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"step": self.step, "losses": list(self.losses), "optimizer": self.optimizer.state_dict(),
                 "params": [p.detach().cpu().clone() for p in self.params],
-                "config": resumable_config(self.cfg), "data": self.data_digest()}
+                "config": resumable_config(self.cfg), "data": self.data_digest(),
+                "ema": [e.cpu().clone() for e in self.ema] if self.ema is not None else None}
 
     def load_state_dict(self, state: Mapping) -> None:
         missing = [k for k in ("step", "losses", "optimizer", "params") if not isinstance(state, Mapping)
@@ -278,6 +313,9 @@ class Trainer:
                                      "is expected (a different rank?)")
                 p.copy_(v)
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            ema = state.get("ema") or [p.detach().float() for p in self.params]  # older states: start it here
+            self.ema = [e.to(p.device, torch.float32).clone() for e, p in zip(ema, self.params, strict=True)]
         self.step = int(state["step"])
         self.losses = [float(x) for x in state["losses"]]
 

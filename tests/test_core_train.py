@@ -251,6 +251,35 @@ def test_every_optimizer_trains_and_resumes_exactly(name, steps):
     assert all(torch.equal(p, q) for p, q in zip(net_a.parameters(), net_c.parameters(), strict=True))
 
 
+def test_ema_follows_the_warmed_up_formula_and_resumes():
+    tr, net, _ = make(cfg(steps=6, ema_decay=0.9))
+    start = [p.detach().clone() for p in tr.params]
+    expected = [s.clone() for s in start]
+    with net.attached():
+        for t in range(6):
+            tr.train_step()
+            d = min(0.9, (1 + t) / (10 + t))
+            expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, tr.params, strict=True)]
+    assert all(torch.allclose(e, x, atol=1e-7) for e, x in zip(tr.ema, expected, strict=True))
+    own = [p.detach().clone() for p in tr.params]
+    with tr.ema_applied():
+        assert all(torch.equal(p, e) for p, e in zip(tr.params, tr.ema, strict=True))
+    assert all(torch.equal(p, o) for p, o in zip(tr.params, own, strict=True))
+    assert not all(torch.equal(e, o) for e, o in zip(tr.ema, own, strict=True))
+    half, net_h, _ = make(cfg(steps=6, ema_decay=0.9))
+    with net_h.attached():
+        for _ in range(3):
+            half.train_step()
+    resumed, net_r, _ = make(cfg(steps=6, ema_decay=0.9))
+    resumed.load_state_dict(half.state_dict())
+    with net_r.attached():
+        for _ in range(3):
+            resumed.train_step()
+    assert all(torch.equal(a, b) for a, b in zip(tr.ema, resumed.ema, strict=True))
+    with pytest.raises(TrainError, match="ema_decay must be in"):
+        make(cfg(ema_decay=1.0))
+
+
 def test_optimizers_that_cannot_run_are_refused():
     from supercond.core import optim
 

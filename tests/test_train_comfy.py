@@ -152,6 +152,25 @@ def test_optimizer_choice_through_comfyui(fixture_checkpoints, loras):
         run(fam, lat, cond, steps=4, filename_prefix="o/lora", optimizer="prodigy", learning_rate=1.0, resume=True)
 
 
+def test_ema_files_and_the_model_output_are_the_emas(fixture_checkpoints, loras):
+    import nodes
+    from comfy_helpers import encode, sample
+
+    fam = fam_of("eps", fixture_checkpoints)
+    lat, cond = data(fam)
+    model, path, _ = run(fam, lat, cond, steps=3, save_every=2, learning_rate=1e-2, ema_decay=0.99,
+                         filename_prefix="e/lora").result
+    assert path.endswith("e/lora_000003_ema.safetensors")
+    names = sorted(f.name for f in (loras / "e").iterdir())
+    assert names == sorted(["lora_000002.safetensors", "lora_000002_ema.safetensors", "lora_000003.safetensors",
+                            "lora_000003_ema.safetensors", "lora_000003.state.pt"])  # older states dropped
+    ema, plain = lora_file(path), lora_file(str(loras / "e" / "lora_000003.safetensors"))
+    assert any(not torch.equal(ema[k], plain[k]) for k in ema if k.endswith("up.weight"))
+    (loaded, _) = nodes.LoraLoader().load_lora(fam.model, fam.clip, "e/lora_000003_ema.safetensors", 1.0, 0.0)
+    pos, neg = encode(fam, "a red cube"), encode(fam, "")
+    assert torch.allclose(sample(fam, model, pos, neg), sample(fam, loaded, pos, neg), atol=1e-5)
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(filename_prefix="../escape"), "outside the loras folder"),
     (dict(filename_prefix="/abs/x"), "relative path"),

@@ -121,11 +121,16 @@ class SupercondTrainLoRA(io.ComfyNode):
                                  tooltip="Continue from the last checkpoint of this prefix, optimizer state "
                                          "included, up to steps."),
                 optimizer_input(),
+                io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.9999, step=0.0001, optional=True,
+                               tooltip="EMA of the LoRA weights (0 = off; 0.999 typical for long runs, warmed up "
+                                       "as diffusers does). When on, each checkpoint also writes "
+                                       "<prefix>_<step>_ema.safetensors, and the MODEL and path outputs are the "
+                                       "EMA's."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained LoRA (as LoraLoader "
                                 "would load the saved file)."),
-                io.String.Output(display_name="path", tooltip="The saved LoRA file."),
+                io.String.Output(display_name="path", tooltip="The saved LoRA file (its EMA file when ema_decay is on)."),
                 io.Image.Output(display_name="loss_plot", tooltip="Loss per step."),
             ],
             hidden=[io.Hidden.unique_id],
@@ -136,7 +141,7 @@ class SupercondTrainLoRA(io.ComfyNode):
                 grad_accumulation, prediction, loss_weighting, min_snr_gamma, cep_gamma, cep_distribution,
                 input_perturbation, offset_noise, pyramid_iterations, caption_dropout, seed,
                 gradient_checkpointing, lr_schedule, warmup_steps, max_grad_norm, save_every,
-                filename_prefix, resume, optimizer="adamw") -> io.NodeOutput:
+                filename_prefix, resume, optimizer="adamw", ema_decay=0.0) -> io.NodeOutput:
         import folder_paths
 
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
@@ -144,7 +149,7 @@ class SupercondTrainLoRA(io.ComfyNode):
         cfg = TrainConfig(steps, learning_rate, rank, alpha, batch_size, grad_accumulation,
                           tm.auto_prediction(model, prediction, NODE), loss_weighting, min_snr_gamma, cep_gamma,
                           cep_distribution, input_perturbation, offset_noise, pyramid_iterations, caption_dropout,
-                          seed, lr_schedule, warmup_steps, max_grad_norm, optimizer)
+                          seed, lr_schedule, warmup_steps, max_grad_norm, optimizer, ema_decay)
         cfg.validate()
         stem = train_run.prefix_path(folder_paths.get_folder_paths("loras")[0], filename_prefix, "loras")
         train_run.check_writable(stem.parent, "LoRA files")
@@ -189,17 +194,25 @@ def train(model, latents: torch.Tensor, rows: list[dict], empty: dict | None, cf
                 log.info("supercond: resumed %s at step %d", found[0].name, trainer.step)
         meta_base = tm.base_model_name(mp)
 
+        def weights() -> dict:
+            with trainer.ema_applied():  # the EMA's weights when it is on
+                return net.kohya_state_dict(torch.float16)
+
         def save() -> tuple[Path, dict]:
-            sd = net.kohya_state_dict(torch.float16)
             f = tm.checkpoint_file(stem, trainer.step)
-            save_atomic(f, sd, kohya_metadata(cfg.rank, cfg.alpha, trainer.step, cfg.as_dict(), meta_base))
-            torch_save_atomic(tm.state_file(f), trainer.state_dict())
-            return f, sd
+            meta = kohya_metadata(cfg.rank, cfg.alpha, trainer.step, cfg.as_dict(), meta_base)
+            out = f, net.kohya_state_dict(torch.float16)
+            save_atomic(*out, meta)
+            if trainer.ema is not None:
+                out = tm.ema_file(f), weights()
+                save_atomic(*out, meta)
+            torch_save_atomic(tm.state_file(f), trainer.state_dict())  # last: its presence means all are there
+            return out
 
         last: tuple[Path, dict] | None = None
         if trainer.step >= cfg.steps:
             found = tm.last_checkpoint(stem)
-            last = (found[0], net.kohya_state_dict(torch.float16))
+            last = (tm.ema_file(found[0]) if trainer.ema is not None else found[0], weights())
         net.train()
         with net.attached(), tm.checkpointing(dm, gradient_checkpointing), tm.trainable(mp):
             last = train_run.run_steps(

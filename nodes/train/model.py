@@ -101,6 +101,11 @@ def checkpoint_file(stem: Path, step: int) -> Path:
     return stem.with_name(f"{stem.name}_{step:06d}.safetensors")
 
 
+def ema_file(lora_file: Path) -> Path:
+    """``<prefix>_<step>_ema.safetensors``: the EMA of the weights in ``lora_file``."""
+    return lora_file.with_name(f"{lora_file.stem}_ema.safetensors")
+
+
 def state_file(lora_file: Path) -> Path:
     return lora_file.with_suffix(".state.pt")
 

@@ -42,7 +42,7 @@ def check_writable(folder: Path, what: str) -> None:
         raise InputError(f"cannot write {what} to {folder}: {e}") from e
 
 
-_CHECKPOINT = re.compile(r"^(?P<stem>.+)_(?P<step>\d{6})\.safetensors$")
+_CHECKPOINT = re.compile(r"^(?P<stem>.+)_(?P<step>\d{6})(?:_ema)?\.safetensors$")  # a checkpoint or its EMA
 
 
 def drop_older_states(saved: Path) -> None:
