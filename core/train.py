@@ -303,9 +303,9 @@ class Trainer:
                    or k not in state]
         if missing:
             raise TrainError(f"it is not a Supercond trainer state (no {', '.join(missing)})")
-        check_resume(state, resumable_config(self.cfg), self.data_digest())
-        if len(state["params"]) != len(self.params):
+        if len(state["params"]) != len(self.params):  # first: another model says more than its settings
             raise TrainError("the checkpoint's LoRA has a different layer set: train on the same model and rank")
+        check_resume(state, resumable_config(self.cfg), self.data_digest())
         with torch.no_grad():
             for p, v in zip(self.params, state["params"], strict=True):
                 if p.shape != v.shape:
