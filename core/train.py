@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -278,8 +279,10 @@ class Trainer:
                     p.copy_(o)
 
     # -- resume ----------------------------------------------------------------------------------
+    @cached_property
     def data_digest(self) -> str:
-        """Identity of what the run trains on: the latents and every conditioning tensor."""
+        """Identity of what the run trains on: the latents and every conditioning tensor (fixed for the run,
+        so hashed once, not at every save)."""
         h = hashlib.sha256()
         for row in [{"latents": self.latents}, *self.conds, self.empty or {}]:
             for key in sorted(row):
@@ -295,7 +298,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"step": self.step, "losses": list(self.losses), "optimizer": self.optimizer.state_dict(),
                 "params": [p.detach().cpu().clone() for p in self.params],
-                "config": resumable_config(self.cfg), "data": self.data_digest(),
+                "config": resumable_config(self.cfg), "data": self.data_digest,
                 "ema": [e.cpu().clone() for e in self.ema] if self.ema is not None else None}
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -305,7 +308,7 @@ class Trainer:
             raise TrainError(f"it is not a Supercond trainer state (no {', '.join(missing)})")
         if len(state["params"]) != len(self.params):  # first: another model says more than its settings
             raise TrainError("the checkpoint's LoRA has a different layer set: train on the same model and rank")
-        check_resume(state, resumable_config(self.cfg), self.data_digest())
+        check_resume(state, resumable_config(self.cfg), self.data_digest)
         with torch.no_grad():
             for p, v in zip(self.params, state["params"], strict=True):
                 if p.shape != v.shape:
