@@ -24,7 +24,8 @@ import torch
 from . import head_objective as ho
 from . import objective as obj
 from .seeds import seeded_generator
-from .train import NaNLoss, epoch_indices
+from .train import NaNLoss
+from .train_data import epoch_indices
 
 MODES: tuple[str, ...] = ("distill", "gist")
 _DRAW, _POOL, _POOL_SCALE, _POOL_PROMPT = 0, 2, 3, 4  # stream 1: core.train.epoch_indices' permutations

@@ -104,9 +104,18 @@ def loss_weight(weighting: str, prediction: str, sigma: torch.Tensor, gamma: flo
     raise ObjectiveError(f"loss_weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """mean_b( w_b * mean((pred_b - target_b)^2) ), in float32."""
-    per = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """mean_b( w_b * mean((pred_b - target_b)^2 * mask_b) ), in float32. ``mask`` [B, 1, h, w] (masked
+    loss, broadcast over channels and frames) weights each position as kohya's masked loss does: the mean
+    stays over all positions, so a half-masked image counts half."""
+    err = (pred.float() - target.float()).pow(2)
+    if mask is not None:
+        m = mask.to(err.device, err.dtype)
+        if err.dim() == 5:  # video latents [B, C, T, h, w]: one mask for every frame
+            m = m.unsqueeze(2)
+        err = err * m
+    per = err.flatten(1).mean(dim=1)
     return (per * weight.to(per.device)).mean()
 
 

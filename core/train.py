@@ -26,6 +26,7 @@ from . import optim
 from .noise import row_generators, structure_noise
 from .perturb import DISTRIBUTIONS, apply_cep
 from .seeds import seeded_generator
+from .train_data import DataError, TrainData
 
 log = logging.getLogger("supercond")
 
@@ -35,7 +36,8 @@ Denoise = Callable[[torch.Tensor, torch.Tensor, Sequence[Cond]], torch.Tensor]
 TEXT_PARTS: dict[str, tuple[int, ...] | None] = {"cross_attn": None, "pooled_output": None}
 
 # Streams of the per-step generators.
-_MAIN, _PERM, _IP, _CEP, _DROP, _STRUCT = range(6)
+_MAIN, _PERM, _IP, _CEP, _DROP, _STRUCT, _VAL = range(7)
+VALIDATION_POINTS = (0.1, 0.3, 0.5, 0.7, 0.9)  # quantiles of the model's sigmas the validation loss uses
 PYRAMID_DISCOUNT = 0.3  # kohya's usual multires discount
 
 
@@ -110,6 +112,7 @@ class Batch:
     sigma: torch.Tensor
     target: torch.Tensor
     cond: list[Cond]  # one row per latent
+    mask: torch.Tensor | None = None  # [B, 1, h, w] loss weights (masked loss), None: all ones
 
 
 def batch_cond(conds: Sequence[Cond]) -> Cond:
@@ -130,42 +133,31 @@ def batch_cond(conds: Sequence[Cond]) -> Cond:
     return out
 
 
-def epoch_indices(n: int, batch: int, first: int, seed: int) -> torch.Tensor:
-    """Dataset indices of sample positions ``first .. first + batch - 1`` of a run: positions run
-    through epochs, each a seeded permutation (no repeats within one), so any step's batch is known
-    without replaying the ones before it (resume)."""
-    pos = first + torch.arange(batch)
-    epoch = pos.div(n, rounding_mode="floor")
-    out = torch.empty(batch, dtype=torch.long)
-    for e in epoch.unique().tolist():
-        perm = torch.randperm(n, generator=seeded_generator(seed, _PERM, e))
-        out[epoch == e] = perm[pos[epoch == e] % n]
-    return out
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, params: Sequence[torch.nn.Parameter], denoise: Denoise,
                  sigmas: torch.Tensor, latents: torch.Tensor, conds: Sequence[Cond],
                  empty_cond: Cond | None = None, device: torch.device | str = "cpu",
-                 text_parts: Mapping[str, tuple[int, ...] | None] | None = None) -> None:
+                 text_parts: Mapping[str, tuple[int, ...] | None] | None = None,
+                 masks: Sequence[torch.Tensor | None] | None = None,
+                 flipped: Sequence[torch.Tensor] | None = None) -> None:
+        """``latents``: [N, ...] or N tensors [1, ...] of bucket sizes; ``conds``: a row per latent (or one
+        for all), or per latent a list of caption variants; ``masks``/``flipped``: see TrainData."""
         cfg.validate()
-        n = latents.shape[0]
-        if n == 0:
-            raise TrainError("the dataset is empty: no latents to train on")
-        if len(conds) not in (1, n):
-            raise TrainError(f"{n} latents but {len(conds)} conditionings: give one per latent, or one for all")
         if cfg.caption_dropout > 0 and empty_cond is None:
             raise TrainError("caption_dropout needs the empty prompt's conditioning; use SupercondLoadDataset "
                              "(it adds it) or set caption_dropout to 0")
-        if not torch.isfinite(latents).all():
-            raise TrainError("the latents contain NaN or Inf values")
+        stored = [[stored_row(r) for r in c] if isinstance(c, (list, tuple)) else stored_row(c) for c in conds]
+        try:
+            self.data = TrainData(latents, stored, masks, flipped)
+        except DataError as e:
+            raise TrainError(str(e)) from None
         self.cfg = cfg
         self.params = list(params)
         self.denoise = denoise
         self.sigmas = sigmas.detach().float().cpu()
-        self.latents = latents.detach().float().cpu()
-        self.conds = [_stored(c) for c in conds]
-        self.empty = _stored(empty_cond) if empty_cond else None
+        self.latents = self.data.stacked  # [N, ...] when the items share one size, else None
+        self.conds = stored
+        self.empty = stored_row(empty_cond) if empty_cond else None
         self.text_parts = dict(TEXT_PARTS if text_parts is None else text_parts)
         self.device = torch.device(device)
         try:
@@ -175,16 +167,19 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.ema = [p.detach().float().clone() for p in self.params] if cfg.ema_decay > 0 else None
         self.losses: list[float] = []
+        self.val_losses: list[tuple[int, float]] = []  # (step, held-out loss)
 
     # -- data ------------------------------------------------------------------------------------
     def indices(self, step: int, micro: int) -> torch.Tensor:
-        bs = self.cfg.batch_size
-        return epoch_indices(self.latents.shape[0], bs, (step * self.cfg.grad_accumulation + micro) * bs, self.cfg.seed)
+        return self._drawn_indices(step, micro)[0]
+
+    def _drawn_indices(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data.draw_indices(self.cfg.batch_size, step * self.cfg.grad_accumulation + micro, self.cfg.seed)
 
     def batch(self, step: int, micro: int) -> Batch:
         cfg = self.cfg
-        idx = self.indices(step, micro)
-        x0 = self.latents[idx]
+        drawn = self.data.draw(*self._drawn_indices(step, micro), cfg.seed)
+        idx, x0 = drawn.indices, drawn.x0
         g = seeded_generator(cfg.seed, _MAIN, step, micro)
         sigma = self.sigmas[torch.randint(len(self.sigmas), (len(idx),), generator=g)]
         noise = torch.randn(x0.shape, generator=g)
@@ -198,14 +193,14 @@ class Trainer:
             model_noise = noise + cfg.input_perturbation * xi
         x_in = obj.noisy_input(cfg.prediction, x0, model_noise, sigma)
         target = obj.native_target(cfg.prediction, x0, noise, sigma)
-        rows = self._cond(idx, step, micro)
+        rows = self._cond(drawn.rows, step, micro)
         dev = self.device
+        mask = drawn.mask.to(dev) if drawn.mask is not None else None
         return Batch(idx, x0.to(dev), noise.to(dev), x_in.to(dev), sigma.to(dev), target.to(dev),
-                     [_on(r, dev) for r in rows])
+                     [_on(r, dev) for r in rows], mask)
 
-    def _cond(self, idx: torch.Tensor, step: int, micro: int) -> list[Cond]:
+    def _cond(self, rows: list[Cond], step: int, micro: int) -> list[Cond]:
         cfg = self.cfg
-        rows = [self.conds[i if len(self.conds) > 1 else 0] for i in idx.tolist()]
         if cfg.caption_dropout > 0:
             drop = torch.rand(len(rows), generator=seeded_generator(cfg.seed, _DROP, step, micro))
             rows = [self.empty if d < cfg.caption_dropout else r for r, d in zip(rows, drop.tolist(), strict=True)]
@@ -222,7 +217,7 @@ class Trainer:
         x0_hat = self.denoise(b.x_in, b.sigma, b.cond)
         pred = obj.native_prediction(cfg.prediction, b.x_in.float(), x0_hat.float(), b.sigma.float())
         w = obj.loss_weight(cfg.loss_weighting, cfg.prediction, b.sigma, cfg.min_snr_gamma)
-        return obj.weighted_mse(pred, b.target, w)
+        return obj.weighted_mse(pred, b.target, w, b.mask)
 
     def train_step(self, between_micro: Callable[[], None] | None = None) -> float:
         """One optimizer step (grad_accumulation micro-batches). Raises NaNLoss before stepping."""
@@ -248,6 +243,31 @@ class Trainer:
         self._update_ema()
         self.step += 1
         self.losses.append(value)
+        return value
+
+    # -- validation ----------------------------------------------------------------------------------
+    def validation_loss(self, held_out: TrainData) -> float:
+        """The plain objective (no regularizer) on every held-out item at fixed sigmas (VALIDATION_POINTS)
+        with fixed noise per item: the same draws at every step and after resume, so the curve compares
+        weights, not luck. Recorded in ``val_losses`` at the current step."""
+        cfg = self.cfg
+        q = torch.tensor(VALIDATION_POINTS)
+        sigma = self.sigmas[(q * (len(self.sigmas) - 1)).round().long()]
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(held_out.n):
+                drawn = held_out.draw(torch.tensor([i]), torch.tensor([-1]), cfg.seed)
+                x0 = drawn.x0.expand(len(sigma), *drawn.x0.shape[1:])
+                noise = torch.randn(x0.shape, generator=seeded_generator(cfg.seed, _VAL, i))
+                mask = drawn.mask.expand(len(sigma), *drawn.mask.shape[1:]) if drawn.mask is not None else None
+                dev = self.device
+                b = Batch(drawn.indices, x0.to(dev), noise.to(dev), obj.noisy_input(cfg.prediction, x0, noise, sigma).to(dev),
+                          sigma.to(dev), obj.native_target(cfg.prediction, x0, noise, sigma).to(dev),
+                          [_on(drawn.rows[0], dev)] * len(sigma), mask.to(dev) if mask is not None else None)
+                total += float(self.loss(b))
+                count += 1
+        value = total / count
+        self.val_losses = [v for v in self.val_losses if v[0] != self.step] + [(self.step, value)]
         return value
 
     # -- EMA -------------------------------------------------------------------------------------
@@ -284,21 +304,26 @@ class Trainer:
         """Identity of what the run trains on: the latents and every conditioning tensor (fixed for the run,
         so hashed once, not at every save)."""
         h = hashlib.sha256()
-        for row in [{"latents": self.latents}, *self.conds, self.empty or {}]:
-            for key in sorted(row):
-                value = row[key]
-                h.update(key.encode())
-                if isinstance(value, torch.Tensor):
-                    h.update(str(tuple(value.shape)).encode())
-                    h.update(value.detach().float().contiguous().numpy().tobytes())
-                else:
-                    h.update(repr(value).encode())
+        simple = self.latents is not None and self.data.flipped is None and self.data.masks is None and all(
+            len(v) == 1 for v in self.data.conds)
+        if simple:  # the form states recorded before buckets, flips and masks existed: they still resume
+            pairs = [p for row in [{"latents": self.latents}, *self.conds] for p in sorted(row.items())]
+        else:
+            pairs = self.data.tensors()
+        for key, value in [*pairs, *sorted((self.empty or {}).items())]:
+            h.update(key.encode())
+            if isinstance(value, torch.Tensor):
+                h.update(str(tuple(value.shape)).encode())
+                h.update(value.detach().float().contiguous().numpy().tobytes())
+            else:
+                h.update(repr(value).encode())
         return h.hexdigest()[:32]
 
     def state_dict(self) -> dict:
         return {"step": self.step, "losses": list(self.losses), "optimizer": self.optimizer.state_dict(),
                 "params": [p.detach().cpu().clone() for p in self.params],
                 "config": resumable_config(self.cfg), "data": self.data_digest,
+                "val_losses": [list(v) for v in self.val_losses],
                 "ema": [e.cpu().clone() for e in self.ema] if self.ema is not None else None}
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -321,6 +346,7 @@ class Trainer:
             self.ema = [e.to(p.device, torch.float32).clone() for e, p in zip(ema, self.params, strict=True)]
         self.step = int(state["step"])
         self.losses = [float(x) for x in state["losses"]]
+        self.val_losses = [(int(s), float(v)) for s, v in state.get("val_losses", [])]
 
 
 def resumable_config(cfg: Any) -> dict:
@@ -346,7 +372,7 @@ def check_resume(state: Mapping, config: Mapping, data: str) -> None:
                          "same dataset or switch resume off to start over")
 
 
-def _stored(row: Cond) -> Cond:
+def stored_row(row: Cond) -> Cond:
     """A row kept for the whole run: float tensors on the CPU, detached; other values as they are."""
     return {k: v.detach().float().cpu() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
             for k, v in row.items()}

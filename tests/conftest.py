@@ -129,6 +129,16 @@ def loras(comfy, tmp_path, monkeypatch):
 
 
 @pytest.fixture()
+def input_dir(comfy, tmp_path, monkeypatch):
+    """Private input and user folders (datasets and their cache) for each test."""
+    d = tmp_path / "input"
+    d.mkdir()
+    monkeypatch.setattr(comfy, "get_input_directory", lambda: str(d))
+    monkeypatch.setattr(comfy, "get_user_directory", lambda: str(tmp_path / "user"))
+    return d
+
+
+@pytest.fixture()
 def one_thread():
     """Toy benches' small matmuls: one thread is faster and makes bit-identity checks independent of load."""
     import torch

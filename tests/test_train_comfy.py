@@ -197,15 +197,6 @@ def test_count_mismatch_and_unwritable_folder(fixture_checkpoints, loras):
     assert not list(loras.rglob("*.safetensors"))
 
 
-@pytest.fixture()
-def input_dir(comfy, tmp_path, monkeypatch):
-    d = tmp_path / "input"
-    d.mkdir()
-    monkeypatch.setattr(comfy, "get_input_directory", lambda: str(d))
-    monkeypatch.setattr(comfy, "get_user_directory", lambda: str(tmp_path / "user"))
-    return d
-
-
 def load_dataset(fam, folder, clip=None, **kw):
     from supercond.nodes.train.dataset import SupercondLoadDataset
 

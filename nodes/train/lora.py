@@ -4,7 +4,10 @@ live loss chart, stops on Cancel with a loadable checkpoint, saves kohya-format 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from comfy_api.v0_0_2 import io, ui
@@ -14,16 +17,19 @@ from ...core.files import save_atomic, torch_save_atomic
 from ...core.lora import LoRANetwork, kohya_metadata
 from ...core.perturb import DISTRIBUTIONS
 from ...core.seeds import seeded_generator
-from ...core.train import TrainConfig, Trainer, TrainError
+from ...core.train import TrainConfig, Trainer, TrainError, stored_row
+from ...core.train_data import DataError, TrainData, split_validation
 from .. import family as fm
 from ..errors import InputError
 from ..inputs import MAX_SEED, float_input, int_input
 from ..plots import line_plot
 from . import model as tm
 from . import run as train_run
+from .previews import Previewer, default_cfg, grid, parse_prompts, row_conditioning
 
 log = logging.getLogger("supercond")
 CATEGORY = "supercond/training"
+EXPORT_FORMATS = ("kohya", "diffusers")
 NODE = "SupercondTrainLoRA"
 
 
@@ -35,10 +41,11 @@ def text_parts(fam: fm.Family) -> dict[str, tuple[int, ...] | None]:
     return parts
 
 
-def conds_from(conditioning: list) -> tuple[list[dict], dict | None]:
+def conds_from(conditioning: list) -> tuple[list, dict | None]:
     """CONDITIONING -> one row per prompt (batch rows split): the tokens as ``cross_attn`` plus the
     extras the model's extra_conds read (pooled output, guidance, SDXL sizes, ...; fm.COND_EXTRAS), and
-    the empty prompt's row that SupercondLoadDataset attaches (for caption dropout)."""
+    the empty prompt's row that SupercondLoadDataset attaches (for caption dropout). An entry with
+    SupercondLoadDataset's ``supercond_variants`` (shuffled captions) gives a list of rows, one per variant."""
     rows, empty = [], None
     for i, (tokens, extra) in enumerate(conditioning):
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
@@ -51,7 +58,8 @@ def conds_from(conditioning: list) -> tuple[list[dict], dict | None]:
                     value = value[b:b + 1]
                 if key in extra:
                     row[key] = value
-            rows.append(row)
+            variants = extra.get("supercond_variants")
+            rows.append([{**row, **v} for v in variants] if variants and tokens.shape[0] == 1 else row)
         empty = empty or extra.get("supercond_empty")
     return rows, empty
 
@@ -126,6 +134,40 @@ class SupercondTrainLoRA(io.ComfyNode):
                                        "as diffusers does). When on, each checkpoint also writes "
                                        "<prefix>_<step>_ema.safetensors, and the MODEL and path outputs are the "
                                        "EMA's."),
+                io.Int.Input("sample_every", default=0, min=0, max=1_000_000, optional=True,
+                             tooltip="Sample images from the model being trained every N steps (0 = off) and at "
+                                     "the end; shown live in the node and saved beside the checkpoints as "
+                                     "<prefix>_<step>_sample_<k>.png. Sampler euler, scheduler normal."),
+                io.String.Input("sample_prompts", default="", multiline=True, optional=True,
+                                tooltip="One prompt per line, with kohya's options: --n negative, --s steps (20), "
+                                        "--l cfg (5; 1 for Flux dev), --d seed (seed + line), --w/--h size in "
+                                        "pixels (the first training image's). Needs the clip input; without it "
+                                        "(or when empty) the first training caption is sampled."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="Decodes the sample images. Without it they are a coarse latent-to-RGB "
+                                     "preview (as ComfyUI's live previews)."),
+                io.Int.Input("keep_last", default=0, min=0, max=100_000, optional=True,
+                             tooltip="Keep only the newest N checkpoints of this prefix (their EMA files and "
+                                     "states go with them; sample images stay). 0 = keep all."),
+                io.Combo.Input("export_format", options=["kohya", "diffusers"], default="kohya", optional=True,
+                               tooltip="kohya: lora_unet_* keys (kohya's sd-scripts, ComfyUI, A1111). diffusers: "
+                                       "PEFT keys (unet.*.lora_A/lora_B) for diffusers' load_lora_weights; "
+                                       "ComfyUI's LoraLoader reads both. Resume works with either."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Encodes sample_prompts. With text_encoder_lr > 0 a LoRA is trained on it "
+                                      "too (SD1.x and SDXL), and the CLIP output carries it."),
+                io.Float.Input("text_encoder_lr", default=0.0, min=0.0, max=1.0, step=1e-6, optional=True,
+                               tooltip="Learning rate of the text-encoder LoRA (0 = the text encoder is not "
+                                       "trained; kohya users often use half the UNet's)."),
+                io.Float.Input("validation_split", default=0.0, min=0.0, max=0.5, step=0.01, optional=True,
+                               tooltip="Share of the images held out for a validation loss (0 = off): the plain "
+                                       "loss at 5 fixed noise levels with fixed noise, plotted with the training "
+                                       "loss; comparable across the run and across resumes."),
+                io.Int.Input("validate_every", default=50, min=1, max=1_000_000, optional=True,
+                             tooltip="Steps between validation losses (and at the end)."),
+                io.Boolean.Input("masked_loss", default=False, optional=True,
+                                 tooltip="Weight the loss by the dataset's masks (alpha channel or <name>_mask.png; "
+                                         "white = trained). Images without a mask count fully."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained LoRA (as LoraLoader "
@@ -141,7 +183,9 @@ class SupercondTrainLoRA(io.ComfyNode):
                 grad_accumulation, prediction, loss_weighting, min_snr_gamma, cep_gamma, cep_distribution,
                 input_perturbation, offset_noise, pyramid_iterations, caption_dropout, seed,
                 gradient_checkpointing, lr_schedule, warmup_steps, max_grad_norm, save_every,
-                filename_prefix, resume, optimizer="adamw", ema_decay=0.0) -> io.NodeOutput:
+                filename_prefix, resume, optimizer="adamw", ema_decay=0.0, sample_every=0, sample_prompts="",
+                vae=None, keep_last=0, export_format="kohya", clip=None, text_encoder_lr=0.0,
+                validation_split=0.0, validate_every=50, masked_loss=False) -> io.NodeOutput:
         import folder_paths
 
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
@@ -151,24 +195,84 @@ class SupercondTrainLoRA(io.ComfyNode):
                           cep_distribution, input_perturbation, offset_noise, pyramid_iterations, caption_dropout,
                           seed, lr_schedule, warmup_steps, max_grad_norm, optimizer, ema_decay)
         cfg.validate()
+        if export_format not in EXPORT_FORMATS:
+            raise InputError(f"export_format must be one of {EXPORT_FORMATS}, got {export_format!r}")
+        if text_encoder_lr > 0:
+            raise InputError(f"{NODE}: text-encoder training is not available yet; set text_encoder_lr to 0")
         stem = train_run.prefix_path(folder_paths.get_folder_paths("loras")[0], filename_prefix, "loras")
         train_run.check_writable(stem.parent, "LoRA files")
         fm.check_conditioning(fam, conditioning, NODE)
-        rows, empty = conds_from(conditioning)
-        path, losses, sd = train(model, latents["samples"], rows, empty, cfg, stem, save_every,
-                                 gradient_checkpointing, resume, node_id)
+        data = dataset_from(latents, conditioning, masked_loss)
+        run = Run(stem, save_every, gradient_checkpointing, resume, node_id, keep_last, export_format,
+                  sample_every, sample_prompts, vae, clip, validation_split, validate_every)
+        path, trainer, sd = train(model, data, cfg, run)
         import comfy.sd
 
         trained, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0.0)
-        plot = line_plot([("loss", range(1, len(losses) + 1), losses)], "training loss", "step", "loss",
-                         logy=True)
+        curves = [("loss", range(1, len(trainer.losses) + 1), trainer.losses)]
+        if trainer.val_losses:
+            curves.append(("validation", [s for s, _ in trainer.val_losses], [v for _, v in trainer.val_losses]))
+        plot = line_plot(curves, "training loss", "step", "loss", logy=True)
         return io.NodeOutput(trained, str(path), plot, ui=ui.PreviewImage(plot, cls=cls))
 
 
-def train(model, latents: torch.Tensor, rows: list[dict], empty: dict | None, cfg: TrainConfig, stem: Path,
-          save_every: int, gradient_checkpointing: bool, resume: bool, node_id: str | None = None
-          ) -> tuple[Path, list[float], dict[str, torch.Tensor]]:
-    """The training run; returns (saved file, losses, the saved kohya state dict)."""
+@dataclass
+class Data:
+    """The training set as the trainer reads it (see core.train_data.TrainData)."""
+    latents: list[torch.Tensor]  # raw VAE latents [1, C, (T,) h, w], one per item
+    rows: list  # per item a cond row, or a list of caption variants
+    empty: dict | None
+    masks: list | None = None
+    flipped: list | None = None
+    image_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """How the run is carried out around the optimizer steps (none of it changes the trained weights)."""
+    stem: Path
+    save_every: int = 0
+    gradient_checkpointing: bool = False
+    resume: bool = False
+    node_id: str | None = None
+    keep_last: int = 0
+    export_format: str = "kohya"
+    sample_every: int = 0
+    sample_prompts: str = ""
+    vae: Any = None
+    clip: Any = None
+    validation_split: float = 0.0
+    validate_every: int = 50
+
+
+def dataset_from(latents: dict, conditioning: list, masked_loss: bool) -> Data:
+    """LATENT + CONDITIONING -> Data. SupercondLoadDataset adds per-item latents of several bucket sizes,
+    flipped latents, masks, caption variants and image ids (repeats share one); any other LATENT is
+    one item per row of ``samples``."""
+    rows, empty = conds_from(conditioning)
+    items = latents.get("supercond_items")
+    if items is None:
+        samples = latents["samples"]
+        items = list(samples.split(1)) if samples.shape[0] else []
+    masks = latents.get("supercond_masks")
+    if masked_loss and masks is None:
+        raise InputError(f"{NODE}: masked_loss is on but the latents carry no masks; use SupercondLoadDataset "
+                         "with images that have an alpha channel or a <name>_mask.png, or switch masked_loss off")
+    ids = list(latents.get("supercond_image_ids") or range(len(items)))
+    return Data(list(items), rows, empty, masks if masked_loss else None, latents.get("supercond_flipped"), ids)
+
+
+def _pick(values: list | None, idx: list[int]) -> list | None:
+    return None if values is None else [values[i] for i in idx]
+
+
+def _stacked(latents: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """One tensor when the items share a size (the trainer's fast path), else the list."""
+    return torch.cat(latents) if len({tuple(t.shape) for t in latents}) == 1 else latents
+
+
+def train(model, data: Data, cfg: TrainConfig, run: Run) -> tuple[Path, Trainer, dict[str, torch.Tensor]]:
+    """The training run; returns (saved file, the trainer, the saved state dict in the export format)."""
     import comfy.model_management as mm
 
     mp = model.clone()
@@ -180,12 +284,30 @@ def train(model, latents: torch.Tensor, rows: list[dict], empty: dict | None, cf
         fam = fm.family_of(mp, NODE)
         net = LoRANetwork(fm.lora_layers(mp, NODE), cfg.rank, cfg.alpha, seeded_generator(cfg.seed, 0x10BA), device)
         sigmas = mp.get_model_object("model_sampling").sigmas
-        trainer = Trainer(cfg, list(net.parameters()), fm.ModelCall(mp, device), sigmas, fm.latent_in(mp, latents),
-                          rows, empty, device, text_parts=text_parts(fam))
-        if resume:
-            found = tm.last_checkpoint(stem)
+        try:
+            keep, held = split_validation(data.image_ids, run.validation_split, cfg.seed)
+        except DataError as e:
+            raise InputError(f"{NODE}: {e}") from None
+        rows = _pick(data.rows, keep) if len(data.rows) == len(data.latents) else data.rows  # else: Trainer says
+        latents_in = [fm.latent_in(mp, t) for t in data.latents]
+        flipped_in = [fm.latent_in(mp, t) for t in data.flipped] if data.flipped is not None else None
+        try:
+            trainer = Trainer(cfg, list(net.parameters()), fm.ModelCall(mp, device), sigmas,
+                              _stacked(_pick(latents_in, keep)),
+                              rows, data.empty, device, text_parts=text_parts(fam), masks=_pick(data.masks, keep),
+                              flipped=_pick(flipped_in, keep))
+            held_out = None
+            if held:
+                first = [r[0] if isinstance(r, list) else r for r in data.rows]  # canonical caption, no flip
+                held_out = TrainData(_pick(latents_in, held), [stored_row(r) for r in
+                                     (_pick(first, held) if len(first) == len(data.latents) else first)],
+                                     _pick(data.masks, held))
+        except DataError as e:
+            raise InputError(f"{NODE}: {e}") from None
+        if run.resume:
+            found = tm.last_checkpoint(run.stem)
             if found is None:
-                log.info("supercond: no checkpoint of %s to resume; starting at step 0", stem)
+                log.info("supercond: no checkpoint of %s to resume; starting at step 0", run.stem)
             else:
                 try:
                     trainer.load_state_dict(tm.read_state(tm.state_file(found[0])))
@@ -193,15 +315,17 @@ def train(model, latents: torch.Tensor, rows: list[dict], empty: dict | None, cf
                     raise InputError(f"cannot resume from {found[0].name}: {e}") from None
                 log.info("supercond: resumed %s at step %d", found[0].name, trainer.step)
         meta_base = tm.base_model_name(mp)
+        exporter = export_as(run.export_format, mp)
 
         def weights() -> dict:
             with trainer.ema_applied():  # the EMA's weights when it is on
-                return net.kohya_state_dict(torch.float16)
+                return exporter(net.kohya_state_dict(torch.float16))
 
         def save() -> tuple[Path, dict]:
-            f = tm.checkpoint_file(stem, trainer.step)
+            f = tm.checkpoint_file(run.stem, trainer.step)
             meta = kohya_metadata(cfg.rank, cfg.alpha, trainer.step, cfg.as_dict(), meta_base)
-            out = f, net.kohya_state_dict(torch.float16)
+            meta["supercond_format"] = run.export_format
+            out = f, exporter(net.kohya_state_dict(torch.float16))
             save_atomic(*out, meta)
             if trainer.ema is not None:
                 out = tm.ema_file(f), weights()
@@ -209,16 +333,57 @@ def train(model, latents: torch.Tensor, rows: list[dict], empty: dict | None, cf
             torch_save_atomic(tm.state_file(f), trainer.state_dict())  # last: its presence means all are there
             return out
 
+        previews = make_previews(mp, run, data, trainer)
+
+        def after_step(n: int):
+            if held_out is not None and (n % run.validate_every == 0 or n == cfg.steps):
+                log.info("supercond: step %d validation loss %.5f", n, trainer.validation_loss(held_out))
+            if previews is not None and (n % run.sample_every == 0 or n == cfg.steps):
+                with trainer.ema_applied(), torch.no_grad():
+                    return grid(previews.render(n))
+            return None
+
         last: tuple[Path, dict] | None = None
         if trainer.step >= cfg.steps:
-            found = tm.last_checkpoint(stem)
+            found = tm.last_checkpoint(run.stem)
             last = (tm.ema_file(found[0]) if trainer.ema is not None else found[0], weights())
         net.train()
-        with net.attached(), tm.checkpointing(dm, gradient_checkpointing), tm.trainable(mp):
+        with net.attached(), tm.checkpointing(dm, run.gradient_checkpointing), tm.trainable(mp):
             last = train_run.run_steps(
                 lambda: trainer.train_step(between_micro=mm.throw_exception_if_processing_interrupted),
-                lambda: trainer.step, cfg.steps, save, save_every, node_id, last)
-        return last[0], trainer.losses, last[1]
+                lambda: trainer.step, cfg.steps, save, run.save_every, run.node_id, last,
+                after_step=after_step, keep_last=run.keep_last)
+        return last[0], trainer, last[1]
+
+
+def export_as(export_format: str, model) -> Callable[[dict], dict]:
+    """kohya state dict -> the file's state dict in ``export_format``."""
+    if export_format == "kohya":
+        return lambda sd: sd
+    from ...core import lora_export
+
+    names = fm.diffusers_names(model, NODE)
+    return lambda sd: lora_export.to_diffusers(sd, names)
+
+
+def make_previews(mp, run: Run, data: Data, trainer: Trainer) -> Previewer | None:
+    """The sample renderer, or None when sample_every is 0."""
+    if run.sample_every <= 0:
+        return None
+    prompts = parse_prompts(run.sample_prompts, trainer.cfg.seed, default_cfg(mp))
+    encode = None
+    if prompts and run.clip is None:
+        raise InputError(f"{NODE}: sample_prompts need the clip input to be encoded; connect the CLIP (or clear "
+                         "sample_prompts to sample the first training caption)")
+    if run.clip is not None and prompts:
+        clip = run.clip
+        encode = lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))  # noqa: E731
+    if not prompts:
+        prompts = parse_prompts("first training caption", trainer.cfg.seed, default_cfg(mp))
+    first = data.rows[0][0] if isinstance(data.rows[0], list) else data.rows[0]
+    fallback = row_conditioning(first)
+    empty = row_conditioning(data.empty) if data.empty is not None else None
+    return Previewer(mp, prompts, encode, fallback, empty, data.latents[0], run.vae, run.stem.parent, run.stem.name)
 
 
 NODES: list[type[io.ComfyNode]] = [SupercondTrainLoRA]

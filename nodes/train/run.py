@@ -57,8 +57,34 @@ def drop_older_states(saved: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def keep_newest(saved: Path, keep_last: int) -> list[Path]:
+    """``keep_last`` > 0: delete the checkpoints of this prefix older than the newest ``keep_last``, with
+    their EMA files and optimizer states (sample images stay). Returns what was deleted."""
+    m = _CHECKPOINT.match(saved.name)
+    if keep_last <= 0 or m is None:
+        return []
+    steps: dict[int, list[Path]] = {}
+    for p in saved.parent.glob(f"{glob.escape(m['stem'])}_*"):
+        found = re.fullmatch(re.escape(m["stem"]) + r"_(\d{6})(?:_ema\.safetensors|\.safetensors|\.state\.pt)", p.name)
+        if found:
+            steps.setdefault(int(found[1]), []).append(p)
+    gone = []
+    for s in sorted(steps)[:-keep_last]:
+        for p in steps[s]:
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
+def _tidy(saved: Path, keep_last: int) -> None:
+    drop_older_states(saved)
+    for p in keep_newest(saved, keep_last):
+        log.info("supercond: keep_last %d: removed %s", keep_last, p.name)
+
+
 def run_steps(step: Callable[[], float], done: Callable[[], int], total: int, save: Callable[[], Saved],
-              save_every: int, node_id: str | None, last: Saved | None = None, what: str = "training") -> Saved:
+              save_every: int, node_id: str | None, last: Saved | None = None, what: str = "training",
+              after_step: Callable[[int], Any] | None = None, keep_last: int = 0) -> Saved:
     """Call ``step`` (one optimizer step, returns its loss) until ``done()`` reaches ``total``, then save.
 
     - ComfyUI's progress bar and a throttled ``supercond.loss`` chart event after every step.
@@ -66,6 +92,8 @@ def run_steps(step: Callable[[], float], done: Callable[[], int], total: int, sa
       check inside ``step``); the weights after the last completed step are saved, then it re-raises.
     - NaN loss (``NaNLoss`` from ``step``, raised before the bad update): nothing more is saved; a
       TrainError names the last good checkpoint.
+    - ``after_step(n)`` (sample previews, validation) may return an image, shown live in the node.
+    - ``keep_last``: older checkpoints are pruned after each save (keep_newest).
     Returns what the last ``save()`` returned.
     """
     import comfy.model_management as mm
@@ -81,18 +109,19 @@ def run_steps(step: Callable[[], float], done: Callable[[], int], total: int, sa
             events.add(n, loss, reset=n == 1)
             if save_every and n % save_every == 0 and n < total:
                 last = save()
-                drop_older_states(Path(last[0]))
-            pbar.update_absolute(n)  # also where ComfyUI raises on Cancel
+                _tidy(Path(last[0]), keep_last)
+            preview = after_step(n) if after_step is not None else None
+            pbar.update_absolute(n, preview=("PNG", preview, 1024) if preview is not None else None)  # Cancel
             if n % 10 == 0:
                 progress_text(f"step {n}/{total}  loss {loss:.4f}", node_id)
         last = save()
-        drop_older_states(Path(last[0]))
+        _tidy(Path(last[0]), keep_last)
     except NaNLoss as e:
         kept = f"; the last good checkpoint is {last[0]}" if last else "; no checkpoint was saved"
         raise TrainError(f"{e}: {what} stopped{kept}. Lower learning_rate or check the inputs.") from e
     except mm.InterruptProcessingException:
         saved: Any = save()
-        drop_older_states(Path(saved[0]))
+        _tidy(Path(saved[0]), keep_last)
         log.info("supercond: %s cancelled at step %d; saved %s", what, done(), saved[0])
         raise
     finally:

@@ -1,0 +1,167 @@
+"""SupercondTrainLoRA's kohya-level features inside the real ComfyUI (SD1.x fixture): sample previews
+(saved, shown live, with the LoRA active, also after resume), keep_last, validation loss, masked loss,
+several bucket sizes, caption variants; and their bad-input messages."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfy
+
+
+@pytest.fixture()
+def eps(comfy, fixture_checkpoints):
+    from comfy_helpers import load_family
+
+    return load_family("eps", fixture_checkpoints)
+
+
+def data(fam, n=4, size=8, seed=0):
+    from comfy_helpers import encode
+
+    g = torch.Generator().manual_seed(seed)
+    return {"samples": torch.randn(n, 4, size, size, generator=g) * 0.5}, encode(fam, "a red cube")
+
+
+def run(fam, latents, cond, **kw):
+    from supercond.nodes.train.lora import SupercondTrainLoRA
+
+    args = dict(steps=4, learning_rate=1e-2, rank=4, alpha=4.0, batch_size=1, grad_accumulation=1,
+                prediction="auto", loss_weighting="none", min_snr_gamma=5.0, cep_gamma=0.0,
+                cep_distribution="uniform", input_perturbation=0.0, offset_noise=0.0, pyramid_iterations=0,
+                caption_dropout=0.0, seed=0, gradient_checkpointing=False, lr_schedule="constant",
+                warmup_steps=0, max_grad_norm=1.0, save_every=0, filename_prefix="t/lora", resume=False) | kw
+    return SupercondTrainLoRA.execute(fam.model, latents, cond, **args)
+
+
+def names(folder):
+    return sorted(p.name for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture()
+def previews(monkeypatch):
+    """What the node sends to ComfyUI's progress bar: (step, preview image) of each preview."""
+    import comfy.utils
+
+    seen = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",
+                        lambda value, total, preview, node_id=None: preview and seen.append((value, preview)))
+    return seen
+
+
+def test_samples_are_saved_shown_live_and_come_from_the_lora(eps, loras, previews):
+    from PIL import Image
+
+    lat, cond = data(eps)
+    prompts = "a red cube --s 3 --d 7 --w 64 --h 64\nsomething else --n blurry --l 3 --s 2"
+    out = run(eps, lat, cond, steps=4, sample_every=2, sample_prompts=prompts, clip=eps.clip, vae=eps.vae)
+    files = names(loras / "t")
+    assert [f for f in files if "_sample_" in f] == [f"lora_{s:06d}_sample_{k:02d}.png" for s in (2, 4) for k in (0, 1)]
+    assert [v for v, _ in previews] == [2, 4]  # a grid of the step's samples, shown in the node
+    fmt, grid, _ = previews[-1][1]
+    assert fmt == "PNG" and grid.size == (128, 64)
+    # the step-4 sample is the trained model's: the saved LoRA sampled the same way gives the same image,
+    # the base model another
+    from supercond.nodes.train.previews import Previewer, parse_prompts
+
+    first = parse_prompts(prompts, 0, 5.0)[:1]
+    encode = lambda t: eps.clip.encode_from_tokens_scheduled(eps.clip.tokenize(t))  # noqa: E731
+
+    def render(model, folder):
+        p = Previewer(model, first, encode, [], None, lat["samples"][:1], eps.vae, folder, "x")
+        return np.asarray(Image.open(p.render(4)[0]), dtype=np.float32)
+
+    saved = np.asarray(Image.open(loras / "t" / "lora_000004_sample_00.png"), dtype=np.float32)
+    trained, base = render(out.result[0], loras / "a"), render(eps.model, loras / "b")
+    assert np.abs(trained - saved).mean() < 1.0 < np.abs(base - saved).mean()
+
+
+def test_samples_continue_after_resume_and_without_clip(eps, loras, previews):
+    lat, cond = data(eps)
+    run(eps, lat, cond, steps=2, sample_every=2)
+    run(eps, lat, cond, steps=4, sample_every=2, resume=True)
+    assert [f for f in names(loras / "t") if "_sample_" in f] == ["lora_000002_sample_00.png",
+                                                                   "lora_000004_sample_00.png"]
+    assert [v for v, _ in previews] == [2, 4]
+
+
+def test_sample_prompts_errors_are_clear(eps, loras):
+    from supercond.nodes.errors import InputError
+
+    lat, cond = data(eps)
+    with pytest.raises(InputError, match="sample_prompts need the clip input"):
+        run(eps, lat, cond, sample_every=2, sample_prompts="a cube")
+    with pytest.raises(InputError, match="line 2: steps must be a int, got 'x'"):
+        run(eps, lat, cond, sample_every=2, sample_prompts="a cube\nb --s x", clip=eps.clip)
+
+
+def test_keep_last_prunes_old_checkpoints_with_their_ema_and_states(eps, loras):
+    lat, cond = data(eps)
+    run(eps, lat, cond, steps=8, save_every=2, keep_last=2, ema_decay=0.9)
+    files = [f for f in names(loras / "t") if re.match(r"lora_\d{6}", f)]
+    assert files == ["lora_000006.safetensors", "lora_000006_ema.safetensors",
+                     "lora_000008.safetensors", "lora_000008.state.pt", "lora_000008_ema.safetensors"]
+    run(eps, lat, cond, steps=8, save_every=2, keep_last=0, filename_prefix="t/all")
+    assert len([f for f in names(loras / "t") if f.startswith("all_") and f.endswith("0.safetensors")]) == 0
+    assert len([f for f in names(loras / "t") if f.startswith("all_") and f.endswith(".safetensors")]) == 4
+
+
+def test_validation_loss_is_fixed_draws_and_survives_resume(eps, loras):
+    from supercond.nodes.train import lora
+
+    lat, cond = data(eps, n=4)
+    seen = {}
+    original = lora.Trainer.validation_loss
+
+    def spy(self, held_out):
+        value = original(self, held_out)
+        seen.setdefault(self.cfg.seed, []).append((self.step, value, held_out.n))
+        return value
+
+    lora.Trainer.validation_loss = spy
+    try:
+        straight = run(eps, lat, cond, steps=4, validation_split=0.25, validate_every=2, filename_prefix="t/a")
+        run(eps, lat, cond, steps=2, validation_split=0.25, validate_every=2, filename_prefix="t/b")
+        resumed = run(eps, lat, cond, steps=4, validation_split=0.25, validate_every=2, filename_prefix="t/b",
+                      resume=True)
+    finally:
+        lora.Trainer.validation_loss = original
+    values = seen[0]
+    assert [(s, n) for s, _, n in values] == [(2, 1), (4, 1), (2, 1), (4, 1)]  # one of 4 images held out
+    assert values[0][1] == values[2][1] and values[1][1] == values[3][1]  # same draws: same numbers
+    assert values[0][1] != values[1][1]  # and they follow the weights
+    # the plot carries the validation curve (a second colour), also after resume
+    assert not torch.equal(straight.result[2], run(eps, lat, cond, steps=4, filename_prefix="t/c").result[2])
+    assert torch.equal(straight.result[2], resumed.result[2])
+
+
+def test_masked_loss_trains_only_where_the_mask_is(eps, loras):
+    import comfy.utils
+
+    lat, cond = data(eps, n=2)
+    with pytest.raises(Exception, match="masked_loss is on but the latents carry no masks"):
+        run(eps, lat, cond, masked_loss=True)
+    masked = dict(lat, supercond_masks=[torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8)])
+    path = run(eps, masked, cond, masked_loss=True, filename_prefix="t/zero").result[1]
+    ups = [v for k, v in comfy.utils.load_torch_file(path).items() if k.endswith("lora_up.weight")]
+    assert all(float(v.abs().max()) == 0 for v in ups)  # nothing to learn where every mask is 0
+    path = run(eps, masked, cond, masked_loss=False, filename_prefix="t/off").result[1]
+    ups = [v for k, v in comfy.utils.load_torch_file(path).items() if k.endswith("lora_up.weight")]
+    assert any(float(v.abs().max()) > 0 for v in ups)  # masks ignored when masked_loss is off
+
+
+def test_several_bucket_sizes_and_caption_variants_train(eps, loras):
+    from comfy_helpers import encode
+
+    g = torch.Generator().manual_seed(3)
+    items = [torch.randn(1, 4, h, w, generator=g) for h, w in ((8, 12), (12, 8), (8, 12), (8, 8))]
+    cond = encode(eps, "a red cube")
+    variants = [{"cross_attn": encode(eps, t)[0][0]} for t in ("red, cube", "cube, red")]
+    cond = [[cond[0][0], dict(cond[0][1], supercond_variants=variants)]]
+    lat = {"samples": items[0], "supercond_items": items, "supercond_flipped": [t.flip(-1) for t in items]}
+    model, path, _ = run(eps, lat, cond, steps=4, batch_size=2).result
+    assert path.endswith("lora_000004.safetensors")
