@@ -33,10 +33,10 @@ def available(device: torch.device | str = "cpu") -> list[str]:
     return names
 
 
-def make(name: str, params: Iterable[torch.nn.Parameter], lr: float,
+def make(name: str, params: Iterable[torch.nn.Parameter] | Iterable[dict], lr: float,
          device: torch.device | str = "cpu") -> torch.optim.Optimizer:
-    """Build optimizer ``name`` for ``params`` at learning rate ``lr`` (no weight decay: a LoRA's decay
-    pulls it toward the base model, which the rank already limits)."""
+    """Build optimizer ``name`` for ``params`` (parameters, or torch's parameter groups) at learning rate
+    ``lr`` (no weight decay: a LoRA's decay pulls it toward the base model, which the rank already limits)."""
     if name not in available(device):
         raise OptimizerError(f"optimizer {name!r} is not available on {torch.device(device).type} here; "
                              f"choose one of {available(device)}")

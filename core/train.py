@@ -74,6 +74,7 @@ class TrainConfig:
     max_grad_norm: float = 0.0
     optimizer: str = "adamw"
     ema_decay: float = 0.0  # 0 = off
+    text_encoder_lr: float = 0.0  # 0 = the text encoder is not trained
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -94,7 +95,7 @@ class TrainConfig:
             raise TrainError(f"ema_decay must be in [0, 1) (0 = off, 0.999 typical), got {self.ema_decay}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise TrainError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
-        for name in ("cep_gamma", "input_perturbation", "offset_noise", "max_grad_norm"):
+        for name in ("cep_gamma", "input_perturbation", "offset_noise", "max_grad_norm", "text_encoder_lr"):
             v = getattr(self, name)
             if v < 0 or not math.isfinite(v):
                 raise TrainError(f"{name} must be a finite number >= 0, got {v}")
@@ -139,9 +140,12 @@ class Trainer:
                  empty_cond: Cond | None = None, device: torch.device | str = "cpu",
                  text_parts: Mapping[str, tuple[int, ...] | None] | None = None,
                  masks: Sequence[torch.Tensor | None] | None = None,
-                 flipped: Sequence[torch.Tensor] | None = None) -> None:
+                 flipped: Sequence[torch.Tensor] | None = None, text_params: Sequence[torch.nn.Parameter] = (),
+                 encode_text: Callable[[list[str]], list[Cond]] | None = None) -> None:
         """``latents``: [N, ...] or N tensors [1, ...] of bucket sizes; ``conds``: a row per latent (or one
-        for all), or per latent a list of caption variants; ``masks``/``flipped``: see TrainData."""
+        for all), or per latent a list of caption variants; ``masks``/``flipped``: see TrainData.
+        ``text_params`` (a text-encoder LoRA, trained at ``cfg.text_encoder_lr``) with ``encode_text``
+        (captions -> fresh text parts, with grad): rows then carry their caption as ``text``."""
         cfg.validate()
         if cfg.caption_dropout > 0 and empty_cond is None:
             raise TrainError("caption_dropout needs the empty prompt's conditioning; use SupercondLoadDataset "
@@ -152,7 +156,13 @@ class Trainer:
         except DataError as e:
             raise TrainError(str(e)) from None
         self.cfg = cfg
-        self.params = list(params)
+        self.params = list(params) + list(text_params)
+        self.encode_text = encode_text
+        if text_params and encode_text is None:
+            raise TrainError("a text-encoder LoRA needs a text encoder to encode the captions with")
+        groups = [{"params": list(params), "base_lr": cfg.learning_rate}]
+        if text_params:
+            groups.append({"params": list(text_params), "base_lr": cfg.text_encoder_lr})
         self.denoise = denoise
         self.sigmas = sigmas.detach().float().cpu()
         self.latents = self.data.stacked  # [N, ...] when the items share one size, else None
@@ -161,7 +171,7 @@ class Trainer:
         self.text_parts = dict(TEXT_PARTS if text_parts is None else text_parts)
         self.device = torch.device(device)
         try:
-            self.optimizer = optim.make(cfg.optimizer, self.params, cfg.learning_rate, self.device)
+            self.optimizer = optim.make(cfg.optimizer, groups, cfg.learning_rate, self.device)
         except optim.OptimizerError as e:
             raise TrainError(str(e)) from None
         self.step = 0  # optimizer steps done
@@ -204,6 +214,7 @@ class Trainer:
         if cfg.caption_dropout > 0:
             drop = torch.rand(len(rows), generator=seeded_generator(cfg.seed, _DROP, step, micro))
             rows = [self.empty if d < cfg.caption_dropout else r for r, d in zip(rows, drop.tolist(), strict=True)]
+        rows = self.encoded(rows)
         if cfg.cep_gamma > 0:  # after dropout, as in OneTrainer #1235; training only; one stream, row by row
             g = seeded_generator(cfg.seed, _CEP, step, micro)
             rows = [{k: apply_cep(v, cfg.cep_gamma, cfg.cep_distribution, "paper", g, self.text_parts[k])
@@ -224,7 +235,7 @@ class Trainer:
         cfg = self.cfg
         factor = obj.lr_factor(cfg.lr_schedule, self.step, cfg.steps, cfg.warmup_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.learning_rate * factor
+            group["lr"] = group.get("base_lr", cfg.learning_rate) * factor
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accumulation):
@@ -245,6 +256,13 @@ class Trainer:
         self.losses.append(value)
         return value
 
+    def encoded(self, rows: list[Cond]) -> list[Cond]:
+        """With a text-encoder LoRA: each row's text parts encoded afresh from its caption (with grad)."""
+        if self.encode_text is None:
+            return rows
+        fresh = self.encode_text([r["text"] for r in rows])
+        return [{**r, **f} for r, f in zip(rows, fresh, strict=True)]
+
     # -- validation ----------------------------------------------------------------------------------
     def validation_loss(self, held_out: TrainData) -> float:
         """The plain objective (no regularizer) on every held-out item at fixed sigmas (VALIDATION_POINTS)
@@ -263,7 +281,8 @@ class Trainer:
                 dev = self.device
                 b = Batch(drawn.indices, x0.to(dev), noise.to(dev), obj.noisy_input(cfg.prediction, x0, noise, sigma).to(dev),
                           sigma.to(dev), obj.native_target(cfg.prediction, x0, noise, sigma).to(dev),
-                          [_on(drawn.rows[0], dev)] * len(sigma), mask.to(dev) if mask is not None else None)
+                          [_on(self.encoded(drawn.rows)[0], dev)] * len(sigma),
+                          mask.to(dev) if mask is not None else None)
                 total += float(self.loss(b))
                 count += 1
         value = total / count
@@ -349,6 +368,9 @@ class Trainer:
         self.val_losses = [(int(s), float(v)) for s, v in state.get("val_losses", [])]
 
 
+_DEFAULTS = {"text_encoder_lr": 0.0}
+
+
 def resumable_config(cfg: Any) -> dict:
     """The settings a resumed run must share with the run it continues: all but ``steps`` (a resumed
     run may go on to a new total)."""
@@ -362,7 +384,7 @@ def check_resume(state: Mapping, config: Mapping, data: str) -> None:
         log.warning("supercond: this trainer state does not record its settings (an older Supercond): "
                     "resuming without checking that they match")
         return
-    old = state["config"]
+    old = {**_DEFAULTS, **state["config"]}  # settings added since the state was written: their defaults
     changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in config.items() if old.get(k) != v]
     if changed:
         raise TrainError(f"the run was started with other settings ({'; '.join(changed)}). Resume with the "

@@ -318,3 +318,66 @@ def latent_in(model: Any, samples: torch.Tensor) -> torch.Tensor:
     import comfy.sample
 
     return model.model.process_latent_in(comfy.sample.fix_empty_latent_channels(model, samples.float()))
+
+
+# -- the LoRA layers' names in diffusers (export_format "diffusers" / "peft") ------------------------
+
+from ..core.lora_export import DiffusersLayout, DiffusersTarget  # noqa: E402  (pure torch, no ComfyUI)
+
+# The diffusers pipeline component each family's LoRA loads into, for the families whose diffusers
+# export is checked against diffusers itself (tests/test_lora_export.py). ComfyUI also maps diffusers
+# names for Chroma and Qwen-Image, but nothing here checks those against diffusers' models; Wan has none.
+_DIFFUSERS_COMPONENT = {"SD15": "unet", "SDXL": "unet", "SD3": "transformer", "Flux": "transformer"}
+
+
+def diffusers_names(model: Any, node: str) -> DiffusersLayout:
+    """kohya prefix -> the diffusers module(s) that layer is, read from the diffusers mapping ComfyUI's own
+    LoRA loader uses (so what we write in these names loads back in ComfyUI as the kohya file does).
+    A fused layer (SD3's and Flux's qkv, Flux's linear1) is several modules, each with its rows."""
+    import comfy.lora
+    import comfy.utils
+
+    fam = family_of(model, node)
+    component = _DIFFUSERS_COMPONENT.get(fam.name)
+    if component is None:
+        raise InputError(f"{node}: diffusers export is not available for {fam.label} models; use "
+                         "export_format kohya. Diffusers export supports: "
+                         f"{', '.join(FAMILIES[f].label for f in _DIFFUSERS_COMPONENT)}")
+    if component == "unet":  # diffusers path -> ComfyUI weight, as model_lora_keys_unet reads them
+        unet = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+        mapping = {k.removesuffix(".weight"): "diffusion_model." + v for k, v in unet.items()
+                   if k.endswith(".weight")}
+    else:  # the "transformer." entries of ComfyUI's LoRA key map: diffusers path -> weight (and rows)
+        keys = comfy.lora.model_lora_keys_unet(model.model, {})
+        mapping = {k[len("transformer."):]: v for k, v in keys.items() if k.startswith("transformer.")}
+    prefixes = kohya_names(model)
+    net = model.model.diffusion_model
+    targets: dict[str, list[DiffusersTarget]] = {}
+    for path, to in sorted(mapping.items()):
+        weight = to if isinstance(to, str) else to[0]
+        if not (weight.startswith("diffusion_model.") and weight.endswith(".weight")):
+            continue
+        prefix = prefixes.get(weight[len("diffusion_model."):-len(".weight")])
+        if prefix is not None:
+            targets.setdefault(prefix, []).append(DiffusersTarget(path, _diffusers_rows(to, net)))
+    # A layer with two whole-weight names is an alias, not a fused layer (SD's label_emb is both diffusers'
+    # add_embedding and class_embedding): which one a file needs is not known, so it gets no name.
+    return DiffusersLayout(component, {k: tuple(v) for k, v in targets.items()
+                                       if sum(t.rows is None for t in v) < 2})
+
+
+def _diffusers_rows(to: Any, net: nn.Module) -> tuple[tuple[int, int], ...] | None:
+    """The rows of a ComfyUI weight that one diffusers module is, from its entry in ComfyUI's LoRA key map:
+    a key (all rows), (key, (dim, start, count)) for a slice of a fused weight, or (key, None,
+    swap_scale_shift) for a weight whose halves diffusers keeps in the other order."""
+    import comfy.utils
+
+    if isinstance(to, str):
+        return None
+    key, offset, *function = to
+    if offset is not None and not function and offset[0] == 0:
+        return ((offset[1], offset[2]),)
+    if offset is None and function == [comfy.utils.swap_scale_shift]:
+        half = net.get_submodule(key[len("diffusion_model."):-len(".weight")]).weight.shape[0] // 2
+        return ((half, half), (0, half))
+    raise ValueError(f"ComfyUI maps {key} to diffusers in a way the export does not know: {to!r}")

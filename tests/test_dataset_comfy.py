@@ -60,7 +60,7 @@ def test_trainer_runs_on_buckets_with_masked_loss(eps, input_dir, loras):
     from test_train_features import run
 
     lat, cond, _ = load(eps, "supercond_example_buckets", buckets=True, flip=True, resolution=128)
-    model, path, _ = run(eps, lat, cond, steps=3, batch_size=2, masked_loss=True).result
+    model, path, _, _ = run(eps, lat, cond, steps=3, batch_size=2, masked_loss=True).result
     assert path.endswith("lora_000003.safetensors")
 
 

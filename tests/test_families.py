@@ -312,7 +312,7 @@ def test_lora_keys_are_kohya_and_loraloader_reproduces_the_trained_model(fam, pr
     import nodes
 
     pos, neg = prompts
-    model, path, _ = train_lora(fam, training_latents(fam), pos, learning_rate=1e-2).result
+    model, path, _, _ = train_lora(fam, training_latents(fam), pos, learning_rate=1e-2).result
     sd = comfy.utils.load_torch_file(path)
     keys = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in sd}
     assert KOHYA_KEY[fam.name] in keys, sorted(keys)[:5]

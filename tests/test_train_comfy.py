@@ -44,7 +44,7 @@ def test_trains_saves_and_loraloader_matches(name, fixture_checkpoints, loras):
     fam = fam_of(name, fixture_checkpoints)
     lat, cond = data(fam)
     out = run(fam, lat, cond, steps=3, learning_rate=1e-2)
-    model, path, plot = out.result
+    model, path, plot, _ = out.result
     assert plot.shape[-1] == 3
     sd = comfy.utils.load_torch_file(path)
     assert sd and all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in sd)
@@ -110,7 +110,7 @@ def test_cancel_keeps_a_loadable_checkpoint_and_resume_continues(fixture_checkpo
     assert comfy.utils.load_torch_file(str(saved))
     assert not list((loras / "c").glob(".tmp_*"))
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
-    model, path, _ = run(fam, lat, cond, steps=3, filename_prefix="c/lora", resume=True).result
+    model, path, _, _ = run(fam, lat, cond, steps=3, filename_prefix="c/lora", resume=True).result
     assert path.endswith("lora_000003.safetensors")
 
 
@@ -158,7 +158,7 @@ def test_ema_files_and_the_model_output_are_the_emas(fixture_checkpoints, loras)
 
     fam = fam_of("eps", fixture_checkpoints)
     lat, cond = data(fam)
-    model, path, _ = run(fam, lat, cond, steps=3, save_every=2, learning_rate=1e-2, ema_decay=0.99,
+    model, path, _, _ = run(fam, lat, cond, steps=3, save_every=2, learning_rate=1e-2, ema_decay=0.99,
                          filename_prefix="e/lora").result
     assert path.endswith("e/lora_000003_ema.safetensors")
     names = sorted(f.name for f in (loras / "e").iterdir())
@@ -371,7 +371,7 @@ def test_cep_is_not_applied_outside_training(fixture_checkpoints, loras):
     lat, cond = data(fam)
     before = [(t, t.clone(), dict(extra), {k: v.clone() for k, v in extra.items() if isinstance(v, torch.Tensor)})
               for t, extra in cond]
-    model, path, _ = run(fam, lat, cond, steps=3, learning_rate=1e-2, cep_gamma=1.0, filename_prefix="cep/lora").result
+    model, path, _, _ = run(fam, lat, cond, steps=3, learning_rate=1e-2, cep_gamma=1.0, filename_prefix="cep/lora").result
     # the CONDITIONING object is untouched: same entries, same tensor objects, same values
     assert len(cond) == len(before)
     for (t, extra), (t0, v0, extra0, tensors0) in zip(cond, before, strict=True):

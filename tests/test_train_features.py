@@ -163,5 +163,59 @@ def test_several_bucket_sizes_and_caption_variants_train(eps, loras):
     variants = [{"cross_attn": encode(eps, t)[0][0]} for t in ("red, cube", "cube, red")]
     cond = [[cond[0][0], dict(cond[0][1], supercond_variants=variants)]]
     lat = {"samples": items[0], "supercond_items": items, "supercond_flipped": [t.flip(-1) for t in items]}
-    model, path, _ = run(eps, lat, cond, steps=4, batch_size=2).result
+    model, path, _, _ = run(eps, lat, cond, steps=4, batch_size=2).result
     assert path.endswith("lora_000004.safetensors")
+
+
+def test_text_encoder_lora_is_trained_saved_and_loaded_by_loraloader(eps, loras, input_dir):
+    import comfy.utils
+    import nodes
+
+    from supercond.nodes.train.dataset import SupercondLoadDataset
+
+    lat, cond = SupercondLoadDataset.execute("supercond_example", eps.clip, eps.vae, 64, False, False, 0).result
+    lat = {"samples": lat["samples"][:2]}
+    before = eps.clip.encode_from_tokens_scheduled(eps.clip.tokenize("a red disc"))[0][0]
+    model, path, _, clip = run(eps, lat, cond[:2], steps=3, clip=eps.clip, text_encoder_lr=1e-2).result
+    sd = comfy.utils.load_torch_file(path)
+    te = [k for k in sd if k.startswith("lora_te_text_model_encoder_layers_")]
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in te
+    assert any(float(sd[k].abs().max()) > 0 for k in te if k.endswith("lora_up.weight"))  # it learned
+    # the CLIP output is what LoraLoader makes of the file; the input CLIP encodes as before
+    _, loaded_clip = nodes.LoraLoader().load_lora(eps.model, eps.clip, path.split("/loras/")[-1], 1.0, 1.0)
+    ours = clip.encode_from_tokens_scheduled(clip.tokenize("a red disc"))[0][0]
+    theirs = loaded_clip.encode_from_tokens_scheduled(loaded_clip.tokenize("a red disc"))[0][0]
+    assert torch.equal(ours, theirs) and not torch.allclose(ours, before, atol=1e-4)
+    assert torch.equal(eps.clip.encode_from_tokens_scheduled(eps.clip.tokenize("a red disc"))[0][0], before)
+    # text-encoder training changes what the UNet LoRA learns too (it sees other conditionings)
+    unet_only = comfy.utils.load_torch_file(run(eps, lat, cond[:2], steps=3, filename_prefix="t/u").result[1])
+    assert set(unet_only) == {k for k in sd if k.startswith("lora_unet_")}
+
+
+def test_text_encoder_training_errors(eps, loras):
+    from supercond.nodes.errors import InputError
+
+    lat, cond = data(eps)
+    with pytest.raises(InputError, match="connect the clip input"):
+        run(eps, lat, cond, text_encoder_lr=1e-4)
+    with pytest.raises(InputError, match="needs the captions: use SupercondLoadDataset"):
+        run(eps, lat, cond, text_encoder_lr=1e-4, clip=eps.clip)
+
+
+def test_diffusers_export_loads_in_loraloader_like_kohya(eps, loras):
+    """The same run saved with diffusers key names: ComfyUI's LoraLoader samples it exactly as the kohya
+    file (alpha = rank, so folding alpha/rank into the up weights is exact). tests/test_lora_export.py
+    loads such files into the real diffusers library."""
+    import comfy.utils
+    import nodes
+    from comfy_helpers import encode, sample
+
+    lat, cond = data(eps, n=2)
+    kohya = run(eps, lat, cond, steps=2, filename_prefix="t/k").result[1]
+    diff = run(eps, lat, cond, steps=2, filename_prefix="t/d", export_format="diffusers").result[1]
+    keys = list(comfy.utils.load_torch_file(diff))
+    assert keys and all(k.startswith("unet.") for k in keys) and not any(k.endswith(".alpha") for k in keys)
+    pos, neg = encode(eps, "a red cube"), encode(eps, "")
+    a, b = (sample(eps, nodes.LoraLoader().load_lora(eps.model, None, p.split("/loras/")[-1], 1.0, 0.0)[0],
+                   pos, neg) for p in (kohya, diff))
+    assert torch.equal(a, b) and not torch.equal(a, sample(eps, eps.model, pos, neg))

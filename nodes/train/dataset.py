@@ -274,8 +274,10 @@ class SupercondLoadDataset(io.ComfyNode):
         encoded, conds = [], []
         for i, item in enumerate(images):
             encoded.append(encode_image(item, i, settings, vae, vae_fp, cache))
-            variants = [text(c) for c in captions(item.caption, trigger, shuffle_tags, keep_tokens, seed, i)]
-            extra = {"supercond_empty": empty, **{k: v for k, v in variants[0].items() if k != "cross_attn"}}
+            texts = captions(item.caption, trigger, shuffle_tags, keep_tokens, seed, i)
+            variants = [{**text(c), "text": c} for c in texts]  # the text: for text-encoder training
+            extra = {"supercond_empty": empty, "supercond_text": texts[0],
+                     **{k: v for k, v in variants[0].items() if k not in ("cross_attn", "text")}}
             if len(variants) > 1:
                 extra["supercond_variants"] = variants
             conds.append([variants[0]["cross_attn"], extra])

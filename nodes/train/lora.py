@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from ..inputs import MAX_SEED, float_input, int_input
 from ..plots import line_plot
 from . import model as tm
 from . import run as train_run
+from . import text_encoder
 from .previews import Previewer, default_cfg, grid, parse_prompts, row_conditioning
 
 log = logging.getLogger("supercond")
@@ -41,7 +43,7 @@ def text_parts(fam: fm.Family) -> dict[str, tuple[int, ...] | None]:
     return parts
 
 
-def conds_from(conditioning: list) -> tuple[list, dict | None]:
+def conds_from(conditioning: list, with_text: bool = False) -> tuple[list, dict | None]:
     """CONDITIONING -> one row per prompt (batch rows split): the tokens as ``cross_attn`` plus the
     extras the model's extra_conds read (pooled output, guidance, SDXL sizes, ...; fm.COND_EXTRAS), and
     the empty prompt's row that SupercondLoadDataset attaches (for caption dropout). An entry with
@@ -58,9 +60,18 @@ def conds_from(conditioning: list) -> tuple[list, dict | None]:
                     value = value[b:b + 1]
                 if key in extra:
                     row[key] = value
-            variants = extra.get("supercond_variants")
+            if with_text:
+                if not isinstance(extra.get("supercond_text"), str) or tokens.shape[0] != 1:
+                    raise InputError(f"{NODE}: text-encoder training needs the captions: use "
+                                     "SupercondLoadDataset's CONDITIONING (it carries them), or set "
+                                     "text_encoder_lr to 0")
+                row["text"] = extra["supercond_text"]
+            variants = [{k: v for k, v in var.items() if with_text or k != "text"}
+                        for var in extra.get("supercond_variants") or []]
             rows.append([{**row, **v} for v in variants] if variants and tokens.shape[0] == 1 else row)
         empty = empty or extra.get("supercond_empty")
+    if with_text and empty is not None:
+        empty = {**empty, "text": ""}
     return rows, empty
 
 
@@ -174,6 +185,9 @@ class SupercondTrainLoRA(io.ComfyNode):
                                 "would load the saved file)."),
                 io.String.Output(display_name="path", tooltip="The saved LoRA file (its EMA file when ema_decay is on)."),
                 io.Image.Output(display_name="loss_plot", tooltip="Loss per step."),
+                io.Clip.Output(display_name="CLIP", tooltip="The clip input with the trained text-encoder LoRA "
+                               "(as LoraLoader would load the saved file); the clip input as is when "
+                               "text_encoder_lr is 0."),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -193,27 +207,31 @@ class SupercondTrainLoRA(io.ComfyNode):
         cfg = TrainConfig(steps, learning_rate, rank, alpha, batch_size, grad_accumulation,
                           tm.auto_prediction(model, prediction, NODE), loss_weighting, min_snr_gamma, cep_gamma,
                           cep_distribution, input_perturbation, offset_noise, pyramid_iterations, caption_dropout,
-                          seed, lr_schedule, warmup_steps, max_grad_norm, optimizer, ema_decay)
+                          seed, lr_schedule, warmup_steps, max_grad_norm, optimizer, ema_decay, text_encoder_lr)
         cfg.validate()
+        if text_encoder_lr > 0 and clip is None:
+            raise InputError(f"{NODE}: text_encoder_lr > 0 trains a LoRA on the text encoder: connect the clip "
+                             "input (the CLIP that encoded the dataset), or set text_encoder_lr to 0")
         if export_format not in EXPORT_FORMATS:
             raise InputError(f"export_format must be one of {EXPORT_FORMATS}, got {export_format!r}")
-        if text_encoder_lr > 0:
-            raise InputError(f"{NODE}: text-encoder training is not available yet; set text_encoder_lr to 0")
+        if export_format != "kohya" and text_encoder_lr > 0:
+            raise InputError(f"{NODE}: export_format {export_format!r} covers the diffusion model's LoRA only; use "
+                             "kohya for a run that trains the text encoder too")
         stem = train_run.prefix_path(folder_paths.get_folder_paths("loras")[0], filename_prefix, "loras")
         train_run.check_writable(stem.parent, "LoRA files")
         fm.check_conditioning(fam, conditioning, NODE)
-        data = dataset_from(latents, conditioning, masked_loss)
+        data = dataset_from(latents, conditioning, masked_loss, with_text=text_encoder_lr > 0)
         run = Run(stem, save_every, gradient_checkpointing, resume, node_id, keep_last, export_format,
                   sample_every, sample_prompts, vae, clip, validation_split, validate_every)
         path, trainer, sd = train(model, data, cfg, run)
         import comfy.sd
 
-        trained, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0.0)
+        trained, trained_clip = comfy.sd.load_lora_for_models(model, clip, sd, 1.0, 1.0)
         curves = [("loss", range(1, len(trainer.losses) + 1), trainer.losses)]
         if trainer.val_losses:
             curves.append(("validation", [s for s, _ in trainer.val_losses], [v for _, v in trainer.val_losses]))
         plot = line_plot(curves, "training loss", "step", "loss", logy=True)
-        return io.NodeOutput(trained, str(path), plot, ui=ui.PreviewImage(plot, cls=cls))
+        return io.NodeOutput(trained, str(path), plot, trained_clip, ui=ui.PreviewImage(plot, cls=cls))
 
 
 @dataclass
@@ -245,11 +263,11 @@ class Run:
     validate_every: int = 50
 
 
-def dataset_from(latents: dict, conditioning: list, masked_loss: bool) -> Data:
+def dataset_from(latents: dict, conditioning: list, masked_loss: bool, with_text: bool = False) -> Data:
     """LATENT + CONDITIONING -> Data. SupercondLoadDataset adds per-item latents of several bucket sizes,
     flipped latents, masks, caption variants and image ids (repeats share one); any other LATENT is
-    one item per row of ``samples``."""
-    rows, empty = conds_from(conditioning)
+    one item per row of ``samples``. ``with_text``: rows keep their caption (text-encoder training)."""
+    rows, empty = conds_from(conditioning, with_text)
     items = latents.get("supercond_items")
     if items is None:
         samples = latents["samples"]
@@ -260,6 +278,16 @@ def dataset_from(latents: dict, conditioning: list, masked_loss: bool) -> Data:
                          "with images that have an alpha channel or a <name>_mask.png, or switch masked_loss off")
     ids = list(latents.get("supercond_image_ids") or range(len(items)))
     return Data(list(items), rows, empty, masks if masked_loss else None, latents.get("supercond_flipped"), ids)
+
+
+@contextmanager
+def _attached(net: LoRANetwork | None, clip: Any):
+    """The text-encoder LoRA on its CLIP for the run (CLIP layers add to their input in place)."""
+    if net is None:
+        yield
+        return
+    with net.attached(), tm.norm_inputs_copied(clip.cond_stage_model):
+        yield
 
 
 def _pick(values: list | None, idx: list[int]) -> list | None:
@@ -283,6 +311,12 @@ def train(model, data: Data, cfg: TrainConfig, run: Run) -> tuple[Path, Trainer,
         tm.materialize_weights(dm)
         fam = fm.family_of(mp, NODE)
         net = LoRANetwork(fm.lora_layers(mp, NODE), cfg.rank, cfg.alpha, seeded_generator(cfg.seed, 0x10BA), device)
+        te_net, te_clip, encode_text = None, None, None
+        if cfg.text_encoder_lr > 0:
+            te_clip = text_encoder.prepare(run.clip)
+            te_net = LoRANetwork(text_encoder.te_layers(te_clip, fam.name, NODE), cfg.rank, cfg.alpha,
+                                 seeded_generator(cfg.seed, 0x7E), device)
+            encode_text = text_encoder.encoder(te_clip)
         sigmas = mp.get_model_object("model_sampling").sigmas
         try:
             keep, held = split_validation(data.image_ids, run.validation_split, cfg.seed)
@@ -295,7 +329,9 @@ def train(model, data: Data, cfg: TrainConfig, run: Run) -> tuple[Path, Trainer,
             trainer = Trainer(cfg, list(net.parameters()), fm.ModelCall(mp, device), sigmas,
                               _stacked(_pick(latents_in, keep)),
                               rows, data.empty, device, text_parts=text_parts(fam), masks=_pick(data.masks, keep),
-                              flipped=_pick(flipped_in, keep))
+                              flipped=_pick(flipped_in, keep),
+                              text_params=list(te_net.parameters()) if te_net is not None else (),
+                              encode_text=encode_text)
             held_out = None
             if held:
                 first = [r[0] if isinstance(r, list) else r for r in data.rows]  # canonical caption, no flip
@@ -317,15 +353,21 @@ def train(model, data: Data, cfg: TrainConfig, run: Run) -> tuple[Path, Trainer,
         meta_base = tm.base_model_name(mp)
         exporter = export_as(run.export_format, mp)
 
+        def kohya() -> dict:
+            sd = net.kohya_state_dict(torch.float16)
+            return sd | te_net.kohya_state_dict(torch.float16) if te_net is not None else sd
+
         def weights() -> dict:
             with trainer.ema_applied():  # the EMA's weights when it is on
-                return exporter(net.kohya_state_dict(torch.float16))
+                return exporter(kohya())
 
         def save() -> tuple[Path, dict]:
             f = tm.checkpoint_file(run.stem, trainer.step)
             meta = kohya_metadata(cfg.rank, cfg.alpha, trainer.step, cfg.as_dict(), meta_base)
             meta["supercond_format"] = run.export_format
-            out = f, exporter(net.kohya_state_dict(torch.float16))
+            if run.export_format != "kohya":  # alpha / rank is folded into the up weights there
+                meta.pop("ss_network_alpha")
+            out = f, exporter(kohya())
             save_atomic(*out, meta)
             if trainer.ema is not None:
                 out = tm.ema_file(f), weights()
@@ -348,7 +390,7 @@ def train(model, data: Data, cfg: TrainConfig, run: Run) -> tuple[Path, Trainer,
             found = tm.last_checkpoint(run.stem)
             last = (tm.ema_file(found[0]) if trainer.ema is not None else found[0], weights())
         net.train()
-        with net.attached(), tm.checkpointing(dm, run.gradient_checkpointing), tm.trainable(mp):
+        with net.attached(), _attached(te_net, te_clip), tm.checkpointing(dm, run.gradient_checkpointing), tm.trainable(mp):
             last = train_run.run_steps(
                 lambda: trainer.train_step(between_micro=mm.throw_exception_if_processing_interrupted),
                 lambda: trainer.step, cfg.steps, save, run.save_every, run.node_id, last,
@@ -362,8 +404,8 @@ def export_as(export_format: str, model) -> Callable[[dict], dict]:
         return lambda sd: sd
     from ...core import lora_export
 
-    names = fm.diffusers_names(model, NODE)
-    return lambda sd: lora_export.to_diffusers(sd, names)
+    layout = fm.diffusers_names(model, NODE)
+    return lambda sd: lora_export.export_state_dict(sd, export_format, layout)
 
 
 def make_previews(mp, run: Run, data: Data, trainer: Trainer) -> Previewer | None:

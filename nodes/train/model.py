@@ -43,25 +43,35 @@ def materialize_weights(module: nn.Module) -> None:
 
 
 @contextmanager
-def trainable(model: Any, *modules: nn.Module):
-    """Backward through a family whose blocks update the residual stream in place (Flux, Chroma:
-    ``x += ...`` after ``norm(x)``): while grad is on, each LayerNorm of the diffusion model (and of
-    ``modules``, e.g. a head's copied block) gets a copy of its input, so the tensor autograd saved is
-    not the one the block then changes. Forward values are unchanged; the hooks live only inside."""
+def norm_inputs_copied(*roots: nn.Module):
+    """Backward through blocks that update the residual stream in place (``x += f(norm(x))``: Flux,
+    Chroma, ComfyUI's CLIP layers): while grad is on, each LayerNorm under ``roots`` gets a copy of its
+    input, so the tensor autograd saved is not the one the block then changes. Forward values are
+    unchanged; the hooks live only inside."""
+    def copy_input(_module, args):
+        if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
+            return (args[0].clone(), *args[1:])
+        return None
+
     handles = []
     try:
-        if fm.family_of(model, "the trainer").inplace_residual:
-            def copy_input(_module, args):
-                if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
-                    return (args[0].clone(), *args[1:])
-                return None
-            for root in (model.model.diffusion_model, *modules):
-                handles += [m.register_forward_pre_hook(copy_input) for m in root.modules()
-                            if isinstance(m, nn.LayerNorm)]
+        for root in roots:
+            handles += [m.register_forward_pre_hook(copy_input) for m in root.modules() if isinstance(m, nn.LayerNorm)]
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def trainable(model: Any, *modules: nn.Module):
+    """The diffusion model (and ``modules``, e.g. a head's copied block) ready for backward: norm inputs
+    copied for the families with an in-place residual stream."""
+    if fm.family_of(model, "the trainer").inplace_residual:
+        with norm_inputs_copied(model.model.diffusion_model, *modules):
+            yield
+    else:
+        yield
 
 
 def _highest_forward_children(module: nn.Module, out: list[nn.Module]) -> list[nn.Module]:
