@@ -49,6 +49,10 @@ def test_example_loads_queues_and_succeeds_in_the_editor(page, server, path, art
     browser.use_standin_encoders(page, workflows.STANDIN, workflows.STANDIN_FOR_CLIP_TYPE, workflows.CLIP_LOADERS)
     browser.shrink_graph(page, size=64, max_steps=3)
     browser.set_widgets(page, "KSampler", {"seed": 1234})
+    # live previews ComfyUI's progress bar sends for a node (the trainer's sample images), by node id
+    page.evaluate("""() => { window.__scPreviews = [];
+        window.app.api.addEventListener('b_preview_with_metadata', (e) =>
+            window.__scPreviews.push(String(e.detail.displayNodeId ?? e.detail.nodeId))); }""")
     result = browser.queue_and_wait(page, timeout_ms=300_000)
     browser.screenshot(page, artifacts / f"browser_{path.stem}.png")
     if result["status"] != "success":  # don't leave a long run blocking the next tests
@@ -64,3 +68,20 @@ def test_example_loads_queues_and_succeeds_in_the_editor(page, server, path, art
     assert len(charts) == len(trainers), charts
     for chart in charts:
         assert chart["points"] == chart["total"] > 0 and chart["drawn"], chart
+    # trainers that sample while training: their images reached the node while it ran
+    sampling = [str(n["id"]) for n in wf["nodes"] if n["type"] == "SupercondTrainLoRA"
+                and _widget(n, "sample_every")]
+    previews = page.evaluate("() => window.__scPreviews")
+    for node_id in sampling:
+        assert node_id in previews, (node_id, previews)
+    # the dataset node shows its summary (images, sizes, masks, cache)
+    summaries = page.evaluate("""() => window.app.graph._nodes.filter(n => n.type === 'SupercondLoadDataset')
+        .map(n => n.__scSummary?.textContent ?? null)""")
+    assert all(s and " images, " in s and "cache: " in s for s in summaries), summaries
+
+
+def _widget(node: dict, name: str):
+    """A widget's value in a UI-format node, by its input name."""
+    names = [i["name"] for i in node.get("inputs", []) if i.get("widget")]
+    values = node.get("widgets_values", [])
+    return values[names.index(name)] if name in names and names.index(name) < len(values) else None

@@ -99,9 +99,13 @@ def test_sample_prompts_errors_are_clear(eps, loras):
         run(eps, lat, cond, sample_every=2, sample_prompts="a cube\nb --s x", clip=eps.clip)
 
 
-def test_keep_last_prunes_old_checkpoints_with_their_ema_and_states(eps, loras):
+def test_keep_last_prunes_old_checkpoints_with_their_ema_and_states(eps, loras, caplog):
+    import logging
+
     lat, cond = data(eps)
-    run(eps, lat, cond, steps=8, save_every=2, keep_last=2, ema_decay=0.9)
+    with caplog.at_level(logging.INFO, logger="supercond"):
+        run(eps, lat, cond, steps=8, save_every=2, keep_last=2, ema_decay=0.9)
+    assert re.search(r"training peak memory: \d+ MiB resident", caplog.text)  # the node's log says it
     files = [f for f in names(loras / "t") if re.match(r"lora_\d{6}", f)]
     assert files == ["lora_000006.safetensors", "lora_000006_ema.safetensors",
                      "lora_000008.safetensors", "lora_000008.state.pt", "lora_000008_ema.safetensors"]

@@ -257,6 +257,38 @@ def lora_train() -> tuple[dict, str]:
     return g.nodes, note
 
 
+def lora_train_buckets() -> tuple[dict, str]:
+    g = Graph()
+    ck = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
+    ds = g.add("SupercondLoadDataset", folder="supercond_example_buckets", clip=out(ck, 1), vae=out(ck, 2),
+               resolution=512, flip=True, random_crop=False, seed=0, buckets=True, trigger="sks",
+               shuffle_tags=True, keep_tokens=1)
+    prompts = ("sks, red, disc, pale background --d 1\n"
+               "sks, blue, square, pale background --w 640 --h 384 --d 2")
+    tr = g.add("SupercondTrainLoRA", model=out(ck), latents=out(ds), conditioning=out(ds, 1), steps=300,
+               learning_rate=1e-4, rank=16, alpha=16.0, batch_size=2, grad_accumulation=1, prediction="auto",
+               loss_weighting="min_snr", min_snr_gamma=5.0, cep_gamma=0.0, cep_distribution="uniform",
+               input_perturbation=0.0, offset_noise=0.05, pyramid_iterations=0, caption_dropout=0.05, seed=0,
+               gradient_checkpointing=False, lr_schedule="cosine", warmup_steps=10, max_grad_norm=1.0,
+               save_every=50, filename_prefix="supercond/buckets_lora", resume=False, optimizer="adamw",
+               ema_decay=0.999, sample_every=50, sample_prompts=prompts, vae=out(ck, 2), keep_last=2,
+               export_format="kohya", clip=out(ck, 1), text_encoder_lr=0.0, validation_split=0.2,
+               validate_every=25, masked_loss=True)
+    g.add("PreviewImage", images=out(tr, 2))
+    pos = g.add("CLIPTextEncode", "Positive", text="sks, green, disc, pale background", clip=out(ck, 1))
+    neg = g.add("CLIPTextEncode", "Negative", text="", clip=out(ck, 1))
+    lat = g.add("EmptyLatentImage", width=640, height=384, batch_size=1)
+    _sample_and_save(g, out(tr), out(pos), out(neg), lat, out(ck, 2), "lora_train_buckets")
+    note = ("**LoRA trainer, kohya-style data**: the built-in mixed-aspect set (3:2, 2:3 and square images, "
+            "masks as `_mask.png` and in an alpha channel, a `2_repeat` folder that counts twice) is encoded in "
+            "aspect-ratio buckets of about 512x512 pixels, both flips cached, tags shuffled after the trigger "
+            "`sks`. The trainer uses the masks (masked_loss), keeps an EMA, holds out 20% of the images for a "
+            "validation loss (plotted with the training loss), samples the two prompts every 50 steps (shown "
+            "live in the node and saved beside the checkpoints), and keeps only the newest 2 checkpoints. Point "
+            "`folder` at your own images (a sub-folder of ComfyUI's input directory).")
+    return g.nodes, note
+
+
 def lora_load() -> tuple[dict, str]:
     g = Graph()
     ck = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
@@ -357,6 +389,7 @@ EXAMPLES: dict[str, Callable[[], tuple[dict, str]]] = {
     "singlepass_guider": singlepass_guider,
     "singlepass_distill": singlepass_distill,
     "lora_train": lora_train,
+    "lora_train_buckets": lora_train_buckets,
     "lora_load": lora_load,
     "sdxl_lora_train": sdxl_lora_train,
     "chroma_cads": chroma_cads,

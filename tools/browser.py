@@ -72,12 +72,15 @@ def set_widgets(page: Any, node_type: str, values: dict[str, Any]) -> int:
 
 def shrink_graph(page: Any, size: int = 64, max_steps: int = 4) -> None:
     """The editor-side twin of ``tools.workflows.shrink``: set the same widgets a user would
-    turn down (latent size, any ``steps``, a dataset ``resolution``) so examples run quickly on
-    the tiny fixtures."""
+    turn down (latent size, any ``steps``, a dataset ``resolution``, the trainer's sample prompts'
+    steps and size) so examples run quickly on the tiny fixtures."""
     page.evaluate(
         """([size, maxSteps]) => {
             for (const node of window.app.graph._nodes) {
                 for (const w of node.widgets || []) {
+                    if (w.name === "sample_prompts" && typeof w.value === "string")  // later options win
+                        w.value = w.value.split("\\n").map((l) => l.trim() && !l.trim().startsWith("#")
+                            ? `${l} --s ${maxSteps} --w ${size} --h ${size}` : l).join("\\n");
                     if (typeof w.value !== "number") continue;
                     if (node.type.startsWith("Empty") && (w.name === "width" || w.name === "height")) w.value = size;
                     if (w.name === "resolution") w.value = Math.min(w.value, size);

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
 from ...core.train import NaNLoss, TrainError
 from ..errors import InputError
 from ..events import LossEvents, progress_text
@@ -99,6 +101,9 @@ def run_steps(step: Callable[[], float], done: Callable[[], int], total: int, sa
     import comfy.model_management as mm
     import comfy.utils
 
+    device = mm.get_torch_device()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     pbar = comfy.utils.ProgressBar(total, node_id=node_id)
     pbar.update_absolute(done())
     events = LossEvents(node_id, total)
@@ -126,4 +131,14 @@ def run_steps(step: Callable[[], float], done: Callable[[], int], total: int, sa
         raise
     finally:
         events.flush()
+        log.info("supercond: %s peak memory: %s", what, peak_memory(device))
     return last
+
+
+def peak_memory(device) -> str:
+    """The run's peak: CUDA's allocator peak on a GPU, else the process's peak resident memory."""
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB allocated on {device}"
+    import resource
+
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB resident (whole process, CPU)"
