@@ -52,8 +52,8 @@ def test_buckets_repeats_masks_and_flips(eps, input_dir, monkeypatch):
         again = load(eps, "supercond_example_buckets", buckets=True, flip=True)[0]
     assert not calls and all(torch.equal(a, b) for a, b in zip(again["supercond_items"], items, strict=True))
     # without buckets: squares, as before
-    square = load(eps, "supercond_example_buckets")[0]
-    assert "supercond_items" not in square and square["samples"].shape == (10, 4, 32, 32)
+    square = load(eps, "supercond_example_buckets", resolution=64)[0]
+    assert "supercond_items" not in square and square["samples"].shape == (10, 4, 8, 8)
 
 
 def test_trainer_runs_on_buckets_with_masked_loss(eps, input_dir, loras):
@@ -71,11 +71,12 @@ def test_trigger_and_shuffled_variants(eps, input_dir):
     assert len(variants) > 2 and all(v.startswith("sks, red, ") for v in variants)
     assert {frozenset(v.split(", ")) for v in variants} == {frozenset(["sks", "red", "disc", "pale background",
                                                                        "supercond style"])}
-    _, cond, _ = load(eps, "supercond_example_buckets", trigger="sks", shuffle_tags=True, keep_tokens=1)
+    _, cond, _ = load(eps, "supercond_example_buckets", trigger="sks", shuffle_tags=True, keep_tokens=1,
+                      resolution=64)
     rows = cond[0][1]["supercond_variants"]
     assert len(rows) > 1 and not torch.equal(rows[0]["cross_attn"], rows[1]["cross_attn"])
     assert torch.equal(cond[0][0], rows[0]["cross_attn"])
-    _, plain, _ = load(eps, "supercond_example_buckets")
+    _, plain, _ = load(eps, "supercond_example_buckets", resolution=64)
     assert "supercond_variants" not in plain[0][1] and not torch.equal(plain[0][0], cond[0][0])
 
 
@@ -105,7 +106,7 @@ def test_bad_files_are_named(eps, input_dir):
 def test_cache_entries_unused_for_long_are_pruned(eps, input_dir):
     from supercond.nodes.train.dataset import CACHE_MAX_AGE_DAYS, tidy_cache
 
-    load(eps, "supercond_example")
+    load(eps, "supercond_example", resolution=64)
     cache = input_dir.parent / "user" / "supercond_cache" / "dataset"
     entries = sorted(cache.glob("*.safetensors"))
     old = time.time() - (CACHE_MAX_AGE_DAYS + 1) * 86400
@@ -115,5 +116,5 @@ def test_cache_entries_unused_for_long_are_pruned(eps, input_dir):
     # a use refreshes an entry: loading again keeps all (the removed one is rebuilt)
     for p in cache.glob("*.safetensors"):
         os.utime(p, (old + 3600, old + 3600))
-    load(eps, "supercond_example")
+    load(eps, "supercond_example", resolution=64)
     assert tidy_cache(cache)[2] == 0

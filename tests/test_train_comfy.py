@@ -331,7 +331,7 @@ def test_twenty_steps_equal_ten_then_resume_ten(fixture_checkpoints, loras, monk
     kw = dict(learning_rate=1e-3, batch_size=1, grad_accumulation=2, lr_schedule=schedule, warmup_steps=3,
               cep_gamma=1.0, input_perturbation=0.1, offset_noise=0.1, pyramid_iterations=2,
               loss_weighting="min_snr", seed=7)
-    _, straight_path, _ = run(fam, lat, cond, steps=20, filename_prefix="straight/lora", **kw).result
+    _, straight_path, _, _ = run(fam, lat, cond, steps=20, filename_prefix="straight/lora", **kw).result
     if schedule == "constant":
         run(fam, lat, cond, steps=10, filename_prefix="resumed/lora", **kw)
     else:
@@ -344,7 +344,7 @@ def test_twenty_steps_equal_ten_then_resume_ten(fixture_checkpoints, loras, monk
             run(fam, lat, cond, steps=20, filename_prefix="resumed/lora", **kw)
         monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
     assert sorted(p.name for p in (loras / "resumed").glob("*.safetensors")) == ["lora_000010.safetensors"]
-    _, resumed_path, _ = run(fam, lat, cond, steps=20, filename_prefix="resumed/lora", resume=True, **kw).result
+    _, resumed_path, _, _ = run(fam, lat, cond, steps=20, filename_prefix="resumed/lora", resume=True, **kw).result
     assert straight_path.endswith("straight/lora_000020.safetensors")
     assert resumed_path.endswith("resumed/lora_000020.safetensors")
     a, pa = saved_tensors(loras, "straight/lora", 20)
@@ -378,7 +378,7 @@ def test_cep_is_not_applied_outside_training(fixture_checkpoints, loras):
         assert t is t0 and torch.equal(t, v0) and extra == extra0
         assert all(torch.equal(extra[k], v) for k, v in tensors0.items())
     # CEP did act during training (else the checks below would prove nothing)
-    _, plain_path, _ = run(fam, lat, cond, steps=3, learning_rate=1e-2, filename_prefix="plain/lora").result
+    _, plain_path, _, _ = run(fam, lat, cond, steps=3, learning_rate=1e-2, filename_prefix="plain/lora").result
     import comfy.utils
 
     cep_sd, plain_sd = comfy.utils.load_torch_file(path), comfy.utils.load_torch_file(plain_path)

@@ -223,3 +223,32 @@ def test_diffusers_export_loads_in_loraloader_like_kohya(eps, loras):
     a, b = (sample(eps, nodes.LoraLoader().load_lora(eps.model, None, p.split("/loras/")[-1], 1.0, 0.0)[0],
                    pos, neg) for p in (kohya, diff))
     assert torch.equal(a, b) and not torch.equal(a, sample(eps, eps.model, pos, neg))
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "float8_e4m3fn"])
+def test_base_weights_stay_in_low_precision_storage(storage, comfy, fixture_checkpoints, loras, caplog):
+    """A model loaded with bf16 or fp8 weights (UNETLoader's weight_dtype, or model_options dtype) trains
+    with its weights left in that storage (ComfyUI casts them per layer) and the LoRA in fp32."""
+    import comfy.sd
+    import comfy.utils
+    from comfy_helpers import Family, encode
+
+    dtype = getattr(torch, storage)
+    model = comfy.sd.load_checkpoint_guess_config(str(fixture_checkpoints["sd15"]), output_vae=False,
+                                                  output_clip=False, model_options={"dtype": dtype})[0]
+    eps = load_eps(comfy, fixture_checkpoints)
+    fam = Family("eps", model, eps.clip, eps.vae, 4)
+    weights = lambda: {p.dtype for p in model.model.diffusion_model.parameters() if p.dim() > 1}  # noqa: E731
+    assert weights() == {dtype}
+    lat, _ = data(fam, n=2)
+    path = run(fam, lat, encode(eps, "a red cube"), steps=2, filename_prefix=f"t/{storage}").result[1]
+    assert weights() == {dtype}  # the shared model keeps its storage
+    sd = comfy.utils.load_torch_file(path)
+    assert any(float(v.abs().max()) > 0 for k, v in sd.items() if k.endswith("lora_up.weight"))
+    assert all(torch.isfinite(v.float()).all() for v in sd.values())
+
+
+def load_eps(comfy, fixture_checkpoints):
+    from comfy_helpers import load_family
+
+    return load_family("eps", fixture_checkpoints)
