@@ -28,14 +28,10 @@ def data(fam, n=4, size=8, seed=0):
 
 
 def run(fam, latents, cond, **kw):
-    from supercond.nodes.train.lora import SupercondTrainLoRA
+    """test_train_comfy's run at a learning rate that moves a LoRA visibly in a few steps."""
+    from test_train_comfy import run as train_run
 
-    args = dict(steps=4, learning_rate=1e-2, rank=4, alpha=4.0, batch_size=1, grad_accumulation=1,
-                prediction="auto", loss_weighting="none", min_snr_gamma=5.0, cep_gamma=0.0,
-                cep_distribution="uniform", input_perturbation=0.0, offset_noise=0.0, pyramid_iterations=0,
-                caption_dropout=0.0, seed=0, gradient_checkpointing=False, lr_schedule="constant",
-                warmup_steps=0, max_grad_norm=1.0, save_every=0, filename_prefix="t/lora", resume=False) | kw
-    return SupercondTrainLoRA.execute(fam.model, latents, cond, **args)
+    return train_run(fam, latents, cond, **({"learning_rate": 1e-2} | kw))
 
 
 def names(folder):
