@@ -105,3 +105,43 @@ class PeakRSS:
         self._thread.join()
         self._peak = max(self._peak, self._proc.memory_info().rss)
         self.peak_mb = (self._peak - self._base) / 2**20
+
+
+class PeakHeap(PeakRSS):
+    """Peak bytes the C allocator has handed out (glibc ``mallinfo2``: in-use heap plus mmapped blocks)
+    above the starting level, in MiB, sampled from a thread. Unlike RSS it does not depend on what the
+    allocator kept from earlier frees (after a model load, RSS growth mostly reuses freed pages)."""
+
+    def __enter__(self) -> PeakHeap:
+        import ctypes
+        import threading
+
+        class Info(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = Info
+
+        def in_use() -> int:
+            info = libc.mallinfo2()
+            return info.uordblks + info.hblkhd
+
+        self._in_use = in_use
+        self._base = self._peak = in_use()
+        self._stop = threading.Event()
+
+        def poll() -> None:
+            while not self._stop.is_set():
+                self._peak = max(self._peak, in_use())
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._in_use())
+        self.peak_mb = (self._peak - self._base) / 2**20

@@ -15,7 +15,12 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils import skip_init
+
+# Which layers of a UNet/MMDiT get a LoRA (nodes.family.lora_layers): all but embeddings and in/out, or the
+# transformer blocks only (kohya's default).
+LAYER_SETS = ("all", "transformer")
 
 
 class LoRAError(ValueError):
@@ -47,7 +52,12 @@ class LoRAModule(nn.Module):
         return self.alpha / self.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x.to(self.down.weight.dtype))) * self.scale
+        """The scaled delta ``scale * up(down(x))``, computed in ``x``'s dtype (the weights are cast, as
+        autocast would: a cast of the rank-wide weights is cheaper than two of the activations)."""
+        if isinstance(self.up, nn.Conv2d):
+            h = self.down._conv_forward(x, self.down.weight.to(x.dtype), None)
+            return F.conv2d(h * self.scale, self.up.weight.to(x.dtype))
+        return F.linear(F.linear(x, self.down.weight.to(x.dtype)) * self.scale, self.up.weight.to(x.dtype))
 
 
 class LoRANetwork(nn.Module):
@@ -109,8 +119,18 @@ class LoRANetwork(nn.Module):
 
 
 def _hook(mod: LoRAModule):
+    linear = isinstance(mod.up, nn.Linear)
+
     def hook(_layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return output + mod(args[0]).to(output.dtype)
+        x = args[0]
+        if linear and x.dtype == output.dtype:
+            # Profiled: scaling and adding the layer-wide delta as separate ops cost more than the rank-r
+            # matmuls themselves; addmm adds the up projection into the output with the scale as alpha.
+            h = F.linear(x, mod.down.weight.to(x.dtype))
+            out = output.reshape(-1, output.shape[-1])
+            return torch.addmm(out, h.reshape(-1, mod.rank), mod.up.weight.to(x.dtype).t(), alpha=mod.scale
+                               ).view(output.shape)
+        return output + mod(x).to(output.dtype)
 
     return hook
 

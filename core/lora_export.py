@@ -6,7 +6,8 @@ Our files are kohya's: ``<prefix>.lora_down.weight`` (A), ``<prefix>.lora_up.wei
 (``load_lora_weights`` refuses keys without "lora" in their name, and without alphas it uses PEFT's
 ``lora_alpha = r``, a scale of 1), so the scale is folded into B here: the delta is unchanged.
 
-Two spellings, both under the pipeline component diffusers loads them into (``unet.`` / ``transformer.``):
+Two spellings, both under the pipeline component diffusers loads them into (``unet.`` / ``transformer.``;
+a text-encoder LoRA's layers under ``text_encoder.`` / ``text_encoder_2.``):
 
 - ``"peft"``: ``<component>.<module path>.lora_A.weight`` / ``.lora_B.weight``, PEFT's own names.
   Diffusers reads them; ComfyUI's LoraLoader (0.3.64) does not read a UNet's attention projections
@@ -14,8 +15,9 @@ Two spellings, both under the pipeline component diffusers loads them into (``un
 - ``"diffusers"``: what both read. For a UNet, the attention projections take the attention-processor
   names (``unet.<block>.attn1.processor.to_q_lora.down.weight``; ``to_out.0`` is ``to_out``) and the
   other layers ``unet.<path>.lora.down.weight`` / ``.lora.up.weight``; diffusers converts both to
-  PEFT on load (it decides that from the first key, so no key may be in PEFT's spelling). For a
-  transformer the PEFT names, which both read.
+  PEFT on load (it decides that from the first key, so no key may be in PEFT's spelling). Text-encoder
+  layers then take the old ``<path>.lora_linear_layer.down.weight`` names too. For a transformer the
+  PEFT names, which both read.
 
 Which diffusers module a kohya prefix is (``DiffusersLayout``) comes from the caller: ComfyUI knows it
 (``nodes.family.diffusers_names``), this module stays free of ComfyUI. A fused layer of ours (SD3's
@@ -40,6 +42,9 @@ EXPORT_FORMATS = ("kohya", "diffusers", "peft")
 
 # A UNet attention projection: the part up to the attention module, and the projection.
 _UNET_ATTN = re.compile(r"^(?P<attn>.+\.attn\d+)\.(?P<proj>to_q|to_k|to_v|to_out\.0)$")
+# kohya's text-encoder layers: lora_te_ (SD1.x's CLIP-L), lora_te1_ / lora_te2_ (SDXL's CLIP-L / CLIP-G).
+_TEXT_ENCODER = re.compile(r"^lora_te(?P<which>[12]?)_text_model_encoder_layers_(?P<layer>\d+)_"
+                           r"(?P<part>self_attn|mlp)_(?P<proj>[qkv]_proj|out_proj|fc[12])$")
 
 
 @dataclass(frozen=True)
@@ -121,8 +126,20 @@ def check_rows(prefix: str, rows: list[tuple[tuple[int, int], ...] | None], n: i
                         f"outputs and take {int((taken > 1).sum())} more than once")
 
 
+def text_encoder_module(prefix: str) -> tuple[str, str] | None:
+    """(pipeline component, module path) of a kohya text-encoder layer, or None for other layers:
+    ``text_encoder`` (SD1.x, SDXL's CLIP-L) or ``text_encoder_2`` (SDXL's CLIP-G), transformers' paths."""
+    m = _TEXT_ENCODER.match(prefix)
+    if m is None:
+        return None
+    component = "text_encoder_2" if m["which"] == "2" else "text_encoder"
+    return component, f"text_model.encoder.layers.{m['layer']}.{m['part']}.{m['proj']}"
+
+
 def diffusers_keys(component: str, path: str, style: str) -> tuple[str, str]:
     """(A key, B key) of one diffusers module in a spelling (see the module docstring)."""
+    if style == "diffusers" and component.startswith("text_encoder"):  # with a UNet's old names: old ones
+        return f"{component}.{path}.lora_linear_layer.down.weight", f"{component}.{path}.lora_linear_layer.up.weight"
     if style == "diffusers" and component == "unet":
         attn = _UNET_ATTN.match(path)
         if attn:
@@ -142,14 +159,17 @@ def to_diffusers(kohya_sd: Mapping[str, torch.Tensor], layout: DiffusersLayout, 
     layers = kohya_layers(kohya_sd)
     out: dict[str, torch.Tensor] = {}
     for prefix, layer in layers.items():
-        targets = layout.targets.get(prefix)
+        component, targets = layout.component, layout.targets.get(prefix)
+        if text_encoder_module(prefix) is not None:
+            component, path = text_encoder_module(prefix)
+            targets = (DiffusersTarget(path),)
         if not targets:
             raise LoRAError(f"{prefix} has no diffusers name: this layer cannot be written for diffusers")
         check_rows(prefix, [t.rows for t in targets], layer.up.shape[0])
         dt = dtype or layer.up.dtype
         up = folded_up(layer, dt)
         for target in targets:
-            a_key, b_key = diffusers_keys(layout.component, target.path, style)
+            a_key, b_key = diffusers_keys(component, target.path, style)
             if a_key in out:
                 raise LoRAError(f"two layers map to the diffusers module {target.path}")
             # A copy of A per module: safetensors refuses tensors that share memory.

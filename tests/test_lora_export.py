@@ -419,3 +419,61 @@ def test_diffusers_reads_our_kohya_file_with_its_own_converter(trained, pipe):
     log.info("%s kohya through diffusers: max rel delta difference %.2e", trained.name, rel)
     # SD passes alpha to PEFT; diffusers' Flux converter folds it into the fp16 weights itself.
     assert rel <= (FP32_REL if trained.layout.component == "unet" else FP16_REL)
+
+
+def small_clip(with_projection: bool) -> nn.Module:
+    """A 2-layer transformers CLIP text model: the layer names of CLIP-L / CLIP-G at a test's size."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         projection_dim=32, vocab_size=1000)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg)
+
+
+def text_encoder_lora(encoders: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """kohya text-encoder layers (lora_te_ for SD1.x, lora_te1_/lora_te2_ for SDXL) on every projection of
+    ``encoders`` (pipeline component -> model)."""
+    prefix = {"text_encoder": "lora_te_"} if len(encoders) == 1 else {"text_encoder": "lora_te1_",
+                                                                      "text_encoder_2": "lora_te2_"}
+    out, seed = {}, 10
+    for comp, te in encoders.items():
+        for path, mod in getattr(te, "text_model", te).encoder.named_modules():
+            if isinstance(mod, nn.Linear):
+                name = f"{prefix[comp]}text_model_encoder_{path.replace('.', '_')}"
+                out |= kohya_layer(name, mod.out_features, mod.in_features, seed=seed)
+                seed += 1
+    return out
+
+
+@pytest.mark.comfy
+@pytest.mark.parametrize("trained", ["sd15", "sdxl"], indirect=True)
+@pytest.mark.parametrize("style", ["diffusers", "peft"])
+def test_diffusers_fuses_our_text_encoder_deltas(trained, pipe, style):
+    """A file with the UNet's and the text encoders' layers: diffusers puts each delta on its own text
+    encoder (text_encoder, text_encoder_2 for SDXL's CLIP-G) and the UNet's are still right beside them."""
+    from supercond.core.lora_export import text_encoder_module
+
+    encoders = {"text_encoder": small_clip(False)}
+    if trained.name == "sdxl":
+        encoders["text_encoder_2"] = small_clip(True)
+    te = text_encoder_lora(encoders)
+    want = {}
+    for prefix in {k.rsplit(".", 2)[0] for k in te if k.endswith(".lora_up.weight")}:
+        comp, path = text_encoder_module(prefix)
+        if not hasattr(encoders[comp], "text_model"):  # transformers 5 dropped the level; diffusers strips it
+            path = path.removeprefix("text_model.")
+        want[f"{comp}.{path}"] = delta(te[f"{prefix}.lora_down.weight"], te[f"{prefix}.lora_up.weight"], ALPHA / RANK)
+    assert len(want) == 12 * len(encoders)  # 2 layers x q, k, v, out, fc1, fc2
+    before = {f"{c}.{n}": p.detach().clone() for c, m in encoders.items() for n, p in m.named_parameters()}
+    pipe.register_modules(**encoders)
+    try:
+        unet = diffusers_deltas(pipe, to_diffusers(trained.kohya | te, trained.layout, style),
+                                set(our_deltas(trained.kohya, trained.layout)))
+        after = {f"{c}.{n}": p.detach() for c, m in encoders.items() for n, p in m.named_parameters()}
+    finally:
+        pipe.register_modules(**dict.fromkeys(encoders))
+    got = {n.removesuffix(".weight"): (after[n] - w).flatten(1) for n, w in before.items()
+           if not torch.equal(after[n], w)}
+    assert worst_rel(got, want) <= FP16_REL
+    assert worst_rel(unet, our_deltas(trained.kohya, trained.layout)) <= FP16_REL

@@ -443,17 +443,17 @@ def test_interrupt_between_micro_batches_stops_within_the_step(fixture_checkpoin
 def test_trains_on_latents_as_the_sampler_feeds_them(name, fixture_checkpoints, loras, monkeypatch):
     """A LATENT is the VAE's raw output; the model must see it scaled (SD1.x) or shifted and scaled
     (SD3) by process_latent_in, as a sampler feeds it."""
-    import supercond.nodes.train.lora as train_node
+    import supercond.nodes.train.lora_run as lora_run
 
     seen = {}
-    real = train_node.Trainer
+    real = lora_run.Trainer
 
     class Recording(real):
-        def __init__(self, cfg, params, denoise, sigmas, latents, *a, **kw):
-            seen["latents"] = latents.clone()
-            super().__init__(cfg, params, denoise, sigmas, latents, *a, **kw)
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            seen["latents"] = self.data.stacked.clone()  # what the trainer draws its batches from
 
-    monkeypatch.setattr(train_node, "Trainer", Recording)
+    monkeypatch.setattr(lora_run, "Trainer", Recording)
     fam = fam_of(name, fixture_checkpoints)
     lat, cond = data(fam, n=1)
     run(fam, lat, cond, steps=1)

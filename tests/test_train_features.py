@@ -111,7 +111,7 @@ def test_keep_last_prunes_old_checkpoints_with_their_ema_and_states(eps, loras, 
 
 
 def test_validation_loss_is_fixed_draws_and_survives_resume(eps, loras):
-    from supercond.nodes.train import lora
+    from supercond.nodes.train import lora_run as lora
 
     lat, cond = data(eps, n=4)
     seen = {}
@@ -187,9 +187,16 @@ def test_text_encoder_lora_is_trained_saved_and_loaded_by_loraloader(eps, loras,
     theirs = loaded_clip.encode_from_tokens_scheduled(loaded_clip.tokenize("a red disc"))[0][0]
     assert torch.equal(ours, theirs) and not torch.allclose(ours, before, atol=1e-4)
     assert torch.equal(eps.clip.encode_from_tokens_scheduled(eps.clip.tokenize("a red disc"))[0][0], before)
-    # text-encoder training changes what the UNet LoRA learns too (it sees other conditionings)
-    unet_only = comfy.utils.load_torch_file(run(eps, lat, cond[:2], steps=3, filename_prefix="t/u").result[1])
-    assert set(unet_only) == {k for k in sd if k.startswith("lora_unet_")}
+    # the same run written for diffusers (tests/test_lora_export.py loads such files in diffusers): LoraLoader
+    # gives the same CLIP from it
+    diff = run(eps, lat, cond[:2], steps=3, clip=eps.clip, text_encoder_lr=1e-2, filename_prefix="t/d",
+               export_format="diffusers").result[1]
+    keys = list(comfy.utils.load_torch_file(diff))
+    assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder"}
+    assert sum(k.startswith("text_encoder.") for k in keys) == len(te) // 3 * 2  # down + up, no alpha
+    _, diff_clip = nodes.LoraLoader().load_lora(eps.model, eps.clip, diff.split("/loras/")[-1], 1.0, 1.0)
+    torch.testing.assert_close(diff_clip.encode_from_tokens_scheduled(diff_clip.tokenize("a red disc"))[0][0],
+                               ours, rtol=1e-3, atol=1e-3)  # B * alpha / rank is rounded to fp16 once more
 
 
 def test_text_encoder_training_errors(eps, loras):
@@ -219,6 +226,28 @@ def test_diffusers_export_loads_in_loraloader_like_kohya(eps, loras):
     a, b = (sample(eps, nodes.LoraLoader().load_lora(eps.model, None, p.split("/loras/")[-1], 1.0, 0.0)[0],
                    pos, neg) for p in (kohya, diff))
     assert torch.equal(a, b) and not torch.equal(a, sample(eps, eps.model, pos, neg))
+
+
+def test_transformer_layer_set_is_kohyas_default_lora(eps, loras):
+    """lora_layers transformer: the attention, feed-forward and proj_in/out layers of the transformer blocks
+    (kohya's default LoRA); all (the default) adds the ResBlocks and down/up-sampling (kohya's LoCon).
+    Resuming with the other set is refused, naming it."""
+    import comfy.utils
+
+    from supercond.nodes.errors import InputError
+
+    lat, cond = data(eps, n=2)
+    layers = {}
+    for name in ("transformer", "all"):
+        path = run(eps, lat, cond, steps=2, filename_prefix=f"t/{name}", lora_layers=name).result[1]
+        layers[name] = {k.split(".")[0] for k in comfy.utils.load_torch_file(path)}
+    kohya, locon = layers["transformer"], layers["all"]
+    assert kohya < locon and all("_attentions_" in k for k in kohya)
+    assert {"attn1_to_q", "attn2_to_k", "ff_net_0_proj", "ff_net_2", "proj_in", "proj_out"} <= {
+        k.split("transformer_blocks_0_")[-1].split("attentions_0_")[-1] for k in kohya}
+    assert all(re.search(r"_(resnets|downsamplers|upsamplers)_", k) for k in locon - kohya)
+    with pytest.raises(InputError, match="lora_layers 'transformer' -> 'all'"):
+        run(eps, lat, cond, steps=3, filename_prefix="t/transformer", lora_layers="all", resume=True)
 
 
 @pytest.mark.parametrize("storage", ["bfloat16", "float8_e4m3fn"])

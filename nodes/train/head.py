@@ -34,7 +34,7 @@ from ..singlepass import hook
 from ..singlepass.nodes import CATEGORY, FOLDER
 from . import model as tm
 from . import run as train_run
-from .lora import conds_from
+from .lora_run import conds_from
 
 log = logging.getLogger("supercond")
 NODE = "SupercondTrainHead"
