@@ -2,11 +2,12 @@
 
 Two models of the same architecture and size (bench/toy_gmm.py: res-MLP eps-predictor, learned class
 embedding) are trained at EQUAL budget and PAIRED per seed: same initial trunk weights, same batches,
-timesteps and noise, and the same 10% of samples selected (``roll_captions`` draws its mask exactly
+timesteps and noise, and the same 10% of samples selected (``swap_captions`` draws its mask exactly
 as ``tg.train`` draws its dropout mask):
 
-- ``gist``: two outputs (cond, uncond) from one forward; the selected samples get the previous
-  sample's label (``core.head_objective.roll_captions``) and supervise only the uncond output, the
+- ``gist``: two outputs (cond, uncond) from one forward; the selected samples get a label drawn from
+  the batch's labels, their own included (``core.head_objective.swap_captions``), and supervise only
+  the uncond output, the
   others only the cond output (``gist_loss``). Sampled single-pass: u + s (c - u) from ONE forward.
 - ``dropout``: one output; the selected samples get the null class (CFG label dropout). Sampled with
   two-pass CFG (cond and null rows batched together; at s = 1 only the cond pass runs).
@@ -89,8 +90,8 @@ def train_gist(model: tg.Denoiser, data: tg.DataSource, steps: int, batch: int, 
 
     def step_loss() -> torch.Tensor:
         xt, t, eps, y = tg.noised_batch(data, batch, schedule, gen)
-        source, rolled = ho.roll_captions(batch, fraction, gen)
-        pred_cond, pred_uncond = model(xt, t, model.embed(y[source])).chunk(2, dim=-1)
+        labels, rolled = ho.swap_captions(y, y, fraction, gen)
+        pred_cond, pred_uncond = model(xt, t, model.embed(labels)).chunk(2, dim=-1)
         return ho.gist_loss(pred_cond, pred_uncond, eps, rolled)
 
     model.train()

@@ -2,8 +2,9 @@
 
 Two ways to get a head (seed 003 and research/singlepass.md section 4):
 
-- **gist** (madebyollin's single-pass superconditioning): about 10% of a batch gets a rolled
-  caption, the previous sample's. A caption drawn independently of the image carries no
+- **gist** (madebyollin's single-pass superconditioning): about 10% of a batch gets a swapped
+  caption (the gist rolls the batch's captions by one; here it is drawn from the dataset's
+  captions, see ``swap_captions``). A caption drawn independently of the image carries no
   information about it, so the second output trained on those samples learns the unconditional
   prediction; the first output is trained on the others only.
 - **distill**: a frozen model teaches the head its own prediction for the empty prompt. The guided
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-GIST_FRACTION = 0.1  # the gist's share of rolled captions
+GIST_FRACTION = 0.1  # the gist's share of swapped ("rolled") captions
 DISTILL_FLOOR = 0.25  # the least flat term of the distillation weight, (s - 1)^2 + floor
 FLAT_SHARE = 1.0  # the flat term as a multiple of the range's mean (s - 1)^2
 
@@ -35,18 +36,21 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 # -- gist ------------------------------------------------------------------------------------------
-def roll_captions(n: int, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(caption source index per sample, rolled mask): a rolled sample takes the previous sample's
-    caption (``torch.roll`` by one, as in the gist). The caller shuffles the batch, so the borrowed
-    caption is independent of the image."""
-    if n < 2:
-        raise HeadTrainError("gist mode rolls captions within a batch: it needs a batch of at least 2 samples")
+def swap_captions(captions: torch.Tensor, pool: torch.Tensor, fraction: float,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(caption per sample, swapped mask): about ``fraction`` of the samples take a caption drawn from
+    ``pool`` (the dataset's caption per item, so each caption by its frequency, the sample's own
+    included) instead of their own. The draw ignores the image, so the swapped samples teach the head
+    the prediction averaged over captions: the unconditional one. (Taking another sample's caption, as
+    the gist's roll does, excludes the sample's own: on a small dataset that teaches "not this
+    caption".) The mask is drawn first, as a CFG dropout mask would be."""
     if not 0.0 < fraction < 1.0:
         raise HeadTrainError(f"the rolled fraction must be in (0, 1), got {fraction}")
-    rolled = torch.rand(n, generator=generator) < fraction
-    source = torch.arange(n)
-    source[rolled] = torch.roll(source, 1)[rolled]
-    return source, rolled
+    if pool.numel() < 2 or bool((pool == pool[0]).all()):
+        raise HeadTrainError("gist mode swaps captions: it needs a dataset with at least 2 different captions")
+    swapped = torch.rand(len(captions), generator=generator) < fraction
+    drawn = pool[torch.randint(len(pool), (len(captions),), generator=generator)]
+    return torch.where(swapped, drawn, captions), swapped
 
 
 def gist_loss(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, target: torch.Tensor,

@@ -49,6 +49,7 @@ class HeadTrainConfig:
     batch_size: int = 4
     prediction: str = "eps"
     max_grad_norm: float = 1.0
+    rolled_fraction: float = ho.GIST_FRACTION  # gist: the share of samples whose caption is swapped
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -61,6 +62,8 @@ class HeadTrainConfig:
             raise ho.HeadTrainError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.prediction not in obj.PREDICTIONS:
             raise ho.HeadTrainError(f"prediction must be one of {obj.PREDICTIONS}, got {self.prediction!r}")
+        if not 0.0 < self.rolled_fraction < 1.0:
+            raise ho.HeadTrainError(f"rolled_fraction must be in (0, 1), got {self.rolled_fraction}")
         ho.check_scale_range(self.cfg_min, self.cfg_max)
 
     def as_dict(self) -> dict:
@@ -145,7 +148,7 @@ class HeadTrainer:
     - distill: ``teach`` (no grad) gives the teacher's cond and uncond predictions and the features
       of the positive rows; ``head`` predicts the uncond from those features; loss ``distill_loss``.
       States come from ``pool`` (on-policy trajectories) or, if given, noised ``latents``.
-    - gist: each shuffled batch rolls about 10% of captions; ``forward`` gives the cond prediction and
+    - gist: each shuffled batch swaps about ``rolled_fraction`` of its captions (``ho.swap_captions``); ``forward`` gives the cond prediction and
       features under the captions as rolled; loss ``gist_loss`` with the head's output on rolled
       samples and the cond output on the others. With ``backbone`` (seed 003 in full) ``forward`` runs
       with grad and its features are not detached: non-rolled samples train the backbone through the
@@ -184,6 +187,7 @@ class HeadTrainer:
                                            weight_decay=0.0)
         self.step = 0
         self.losses: list[float] = []
+        self.head_samples = 0  # gist: samples that supervised the head (swapped captions), over the run
 
     def _native(self, x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return obj.native_prediction(self.cfg.prediction, x.float(), x0.float(), sigma.float())
@@ -224,8 +228,8 @@ class HeadTrainer:
         cfg = self.cfg
         g = seeded_generator(cfg.seed, _DRAW, step)
         idx = epoch_indices(len(self.latents), cfg.batch_size, step * cfg.batch_size, cfg.seed)
-        source, rolled = ho.roll_captions(len(idx), ho.GIST_FRACTION, g)
-        captions = self.captions[idx][source]  # a rolled sample takes the previous sample's caption
+        captions, rolled = ho.swap_captions(self.captions[idx], self.captions, cfg.rolled_fraction, g)
+        self.head_samples += int(rolled.sum())
         x, sigma, target = self._noised(idx, g)
         # A frozen backbone gets no graph: its cond term carries no gradient then.
         with torch.set_grad_enabled(bool(self.backbone)):
@@ -264,7 +268,7 @@ class HeadTrainer:
         return {"step": self.step, "losses": list(self.losses), "optimizer": self.optimizer.state_dict(),
                 "params": [p.detach().cpu().clone() for p in self.params],
                 "backbone": [p.detach().cpu().clone() for p in self.backbone],
-                "pool": None if self.pool is None else self.pool.state_dict()}
+                "pool": None if self.pool is None else self.pool.state_dict(), "head_samples": self.head_samples}
 
     def load_state_dict(self, state: Mapping) -> None:
         saved = state["params"]
@@ -288,6 +292,7 @@ class HeadTrainer:
             self.pool.load_state_dict(state["pool"])
         self.step = int(state["step"])
         self.losses = [float(x) for x in state["losses"]]
+        self.head_samples = int(state.get("head_samples", 0))
 
 
 def merged_state(head: torch.nn.Module, lora: Any) -> dict[str, torch.Tensor]:

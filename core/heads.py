@@ -130,10 +130,31 @@ def _check_container(path: Path) -> None:
             raise HeadFileError(f"{path.name} is not a safetensors file or its header is corrupt") from None
     if not isinstance(header, dict):
         raise HeadFileError(f"{path.name} has a corrupt safetensors header")
-    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-    need = 8 + n + max(ends, default=0)
-    if need > size:
-        raise HeadFileError(f"{path.name} is truncated: {size} bytes, its tensors need {need}")
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        problem = _bad_entry(entry)
+        if problem:
+            raise HeadFileError(f"{path.name} has a corrupt safetensors header: tensor {key!r} {problem}")
+        end = max(end, entry["data_offsets"][1])
+    if 8 + n + end > size:
+        raise HeadFileError(f"{path.name} is truncated: {size} bytes, its tensors need {8 + n + end}")
+
+
+def _bad_entry(entry: object) -> str | None:
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(entry, dict):
+        return "is not described by a JSON object"
+    offsets, shape = entry.get("data_offsets"), entry.get("shape")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]):
+        return f"has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end"
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        return f"has shape {shape!r}, not a list of sizes"
+    if not isinstance(entry.get("dtype"), str):
+        return f"has dtype {entry.get('dtype')!r}, not a type name"
+    return None
 
 
 def read_head_file(path: str | Path) -> tuple[HeadSpec, dict[str, torch.Tensor]]:

@@ -225,7 +225,8 @@ class GistToy:
 
 def gist_step0(seed):
     idx = epoch_indices(4, 4, 0, seed)
-    _, rolled = ho.roll_captions(4, ho.GIST_FRACTION, seeded_generator(seed, ht._DRAW, 0))
+    _, rolled = ho.swap_captions(torch.arange(4), torch.arange(4), ho.GIST_FRACTION,
+                                 seeded_generator(seed, ht._DRAW, 0))
     return idx, rolled
 
 
@@ -292,7 +293,7 @@ def test_gist_with_a_backbone_resumes_exactly_and_refuses_a_state_without_it():
         return toy, tr
 
     (t1, r1), (t2, r2) = run(), run(resume_at=3)
-    assert r1.losses == r2.losses
+    assert r1.losses == r2.losses and r1.head_samples == r2.head_samples > 0
     assert all(torch.equal(getattr(t1, k), getattr(t2, k)) for k in "abh")
     toy = GistToy()
     head_only = HeadTrainer(HeadTrainConfig("gist", 6, 1e-2, 3.0, 9.0, 0, 4, "eps"), [toy.h], toy.head,
@@ -309,3 +310,23 @@ def test_only_gist_trains_the_backbone():
     with pytest.raises(ho.HeadTrainError, match="only gist mode trains the model itself"):
         HeadTrainer(cfg, list(head.parameters()), lambda f, x, s: head(f), torch.tensor([1.0]), teach=toy.teach,
                     pool=p, backbone=[torch.nn.Parameter(torch.zeros(1))])
+
+
+def test_swapped_captions_ignore_the_image_even_on_a_tiny_dataset():
+    """Two images with different captions: the gist's roll (the other sample's caption) gave a swapped sample
+    the *other* caption every time, an "anti-conditional" target. Drawn from the dataset's captions, a
+    swapped sample keeps its own caption half the time, as the caption distribution says."""
+    pool = torch.tensor([0, 1])
+    g = torch.Generator().manual_seed(0)
+    swapped_n = own = 0
+    for _ in range(400):
+        captions, swapped = ho.swap_captions(pool, pool, 0.5, g)
+        swapped_n += int(swapped.sum())
+        own += int((captions == pool)[swapped].sum())
+    assert swapped_n > 300 and 0.42 < own / swapped_n < 0.58
+    skewed = torch.tensor([0, 0, 0, 1])  # by frequency: a swapped sample gets caption 0 three times in four
+    drawn = torch.cat([ho.swap_captions(skewed, skewed, 0.99, g)[0] for _ in range(300)])
+    assert 0.7 < float((drawn == 0).float().mean()) < 0.8
+    with pytest.raises(ho.HeadTrainError, match="at least 2 different captions"):
+        ho.swap_captions(torch.tensor([3, 3]), torch.tensor([3, 3]), 0.1, g)
+

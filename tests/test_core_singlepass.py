@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
+import struct
 
 import pytest
 import torch
@@ -88,6 +91,25 @@ def test_bad_files_get_clear_messages(tmp_path, case, expected):
     with pytest.raises(heads.HeadFileError) as err:
         heads.read_head_file(path)
     assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("entry, expected", [
+    ({"dtype": "F32", "shape": [4], "data_offsets": [0]}, "has data_offsets [0]"),
+    ({"dtype": "F32", "shape": [4], "data_offsets": None}, "has data_offsets None"),
+    ({"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}, "not [begin, end]"),
+    ({"dtype": "F32", "shape": [4], "data_offsets": [0, "16"]}, "not [begin, end]"),
+    ({"dtype": "F32", "shape": "4", "data_offsets": [0, 16]}, "has shape '4'"),
+    ({"dtype": 7, "shape": [4], "data_offsets": [0, 16]}, "has dtype 7"),
+    ([0, 16], "is not described by a JSON object"),
+    ({"dtype": "F32", "shape": [4], "data_offsets": [0, 1 << 40]}, "is truncated"),
+])
+def test_malformed_header_entries_get_the_head_file_error(tmp_path, entry, expected):
+    """Crafted headers: each is a HeadFileError naming the tensor, never a raw TypeError/IndexError."""
+    header = json.dumps({"__metadata__": SPEC.to_metadata(), "final.0.weight": entry}).encode()
+    path = tmp_path / "crafted.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+    with pytest.raises(heads.HeadFileError, match=re.escape(expected)):
+        heads.read_head_file(path)
 
 
 def test_blend_of_one_full_part_is_the_part_bit_for_bit():

@@ -9,6 +9,8 @@ The fixtures have random weights, so no trained head exists; two heads are built
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -83,6 +85,33 @@ def test_fresh_head_is_cfg1_bit_for_bit_with_one_model_call_per_step(fam, conds,
         single = sample(fam, single_pass(new_head(fam.model, head)), pos, neg, cfg=6.0, steps=4)
     assert calls.rows == [1, 1, 1, 1], "expected one diffusion-model call of batch 1 per step"
     assert torch.equal(single, sample(fam, fam.model, pos, neg, cfg=1.0, steps=4))
+
+
+@pytest.mark.parametrize("head", ["projection", "last_block"])
+def test_fresh_head_on_a_lora_patched_tail_is_still_cfg1(fam, conds, head):
+    """A LoRA (LoraLoader's patches) on the final projection and the last block: the fresh head copies the
+    patched weights, so single-pass stays the patched model's cfg 1 image bit for bit."""
+    import comfy.sd
+    from comfy_helpers import sample
+
+    from supercond.core.lora import LoRANetwork
+    from supercond.nodes import family as fm
+
+    tail = fm.family_of(fam.model, "test").tail
+    layers = fm.lora_layers(fam.model, "test")
+    names = fm.kohya_names(fam.model)
+    dm = fam.model.model.diffusion_model
+    for path in tail.final:  # the final projection is never in the trainer's set: add it
+        layers |= {names[p]: m for p, m in dm.get_submodule(path).named_modules(prefix=path)
+                   if p in names and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    net = LoRANetwork(layers, 4, 4.0, torch.Generator().manual_seed(0))
+    for _, mod in net.named_loras():
+        mod.up.weight.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    patched, _ = comfy.sd.load_lora_for_models(fam.model, None, net.kohya_state_dict(torch.float32), 1.0, 0.0)
+    pos, neg = conds
+    cfg1 = sample(fam, patched, pos, neg, cfg=1.0, steps=3)
+    assert not torch.equal(cfg1, sample(fam, fam.model, pos, neg, cfg=1.0, steps=3))  # the LoRA does act
+    assert torch.equal(sample(fam, single_pass(new_head(patched, head)), pos, neg, cfg=6.0, steps=3), cfg1)
 
 
 def test_head_that_knows_the_uncond_matches_two_pass_cfg_at_several_scales(fam, conds):
@@ -264,3 +293,66 @@ def test_single_pass_without_a_head_says_what_to_do(comfy, fixture_checkpoints):
     fam = load_family("eps", fixture_checkpoints)
     with pytest.raises(InputError, match="SupercondNewHead or SupercondLoadHead"):
         single_pass(fam.model)
+
+
+@pytest.fixture(params=["eps", "v"])
+def unet_fam(request, comfy, fixture_checkpoints):
+    """SD1.x only: in ComfyUI 0.3.64 EasyCache hooks the UNet's DIFFUSION_MODEL wrapper, which SD3's MMDiT lacks."""
+    from comfy_helpers import load_family
+
+    return load_family(request.param, fixture_checkpoints)
+
+
+@pytest.mark.parametrize("cache", ["EasyCache", "LazyCache"])
+def test_single_pass_under_comfys_caches(unet_fam, cache, caplog, monkeypatch):
+    """EasyCache skips the diffusion model's forward inside a step, LazyCache whole steps. Under both the
+    graph runs, the cache skips steps and the head serves every step that runs. LazyCache decides on the
+    guided output, so with a head that knows the uncond the image is two-pass CFG's under the same cache.
+    EasyCache decides on the batch's outputs (two-pass batches the uncond in, so its skips differ): there the
+    head's output on a skipped step follows the cache's own rule, the input plus the last output-input
+    difference, as EasyCache serves the conditional output."""
+    import logging
+
+    from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
+    from comfy_helpers import encode, sample
+
+    from supercond.nodes.singlepass import hook
+
+    fam = unet_fam
+    pos, neg = encode(fam, "a red cube on a table"), encode(fam, "")
+    node = EasyCacheNode if cache == "EasyCache" else LazyCacheNode
+    served = []  # (input, head output, the last computed input and output) of each step the cache skipped
+    remember, recall = hook.RunState.remember, hook.RunState.recall
+    last = {}
+
+    def spy_remember(self, uuids, raw, net_input):
+        last.update(raw=raw.float().clone(), x=net_input.float().clone())
+        return remember(self, uuids, raw, net_input)
+
+    def spy_recall(self, uuids, net_input):
+        out = recall(self, uuids, net_input)
+        served.append((net_input.float().clone(), out.clone(), dict(last)))
+        return out
+
+    monkeypatch.setattr(hook.RunState, "remember", spy_remember)
+    monkeypatch.setattr(hook.RunState, "recall", spy_recall)
+
+    def cached(model):
+        return node.execute(model, 1.5, 0.2, 1.0, False).result[0]
+
+    with caplog.at_level(logging.INFO):
+        one = sample(fam, cached(single_pass(oracle(fam, neg))), pos, neg, cfg=5.0, steps=10)
+    skipped = [int(n) for n in re.findall(rf"{cache} - skipped (\d+)/10 steps", caplog.text)]
+    used = re.search(r"single-pass: (\d+) model evaluations from one pass \((\d+) of them answered by a cache\), "
+                     r"0 with true two-pass CFG", caplog.text)
+    assert skipped and skipped[0] > 0 and used, caplog.text[-2000:]
+    head_steps, from_cache = int(used[1]), int(used[2])
+    assert not close(one, sample(fam, cached(fam.model), pos, neg, cfg=1.0, steps=10))  # guidance acts
+    if cache == "EasyCache":  # the model call is skipped inside the step: the head is asked on every step
+        assert head_steps == 10 and from_cache == skipped[0] == len(served)
+        for x, out, prev in served:
+            torch.testing.assert_close(out - x, prev["raw"] - prev["x"], rtol=0, atol=1e-4)
+    else:  # the whole step is skipped before the guider: the head runs on the other steps only
+        assert head_steps == 10 - skipped[0] and from_cache == 0 == len(served)
+        two = sample(fam, cached(fam.model), pos, neg, cfg=5.0, steps=10)
+        assert close(one, two), (one - two).abs().max()

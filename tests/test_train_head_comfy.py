@@ -257,7 +257,8 @@ def rolled_at_step0(seed, n=4):
     from supercond.core.seeds import seeded_generator
 
     idx = ht.epoch_indices(n, n, 0, seed)
-    _, rolled = ho.roll_captions(n, ho.GIST_FRACTION, seeded_generator(seed, ht._DRAW, 0))
+    _, rolled = ho.swap_captions(torch.arange(n), torch.arange(n), ho.GIST_FRACTION,
+                                 seeded_generator(seed, ht._DRAW, 0))
     return idx, rolled
 
 
@@ -296,9 +297,28 @@ def test_gist_trains_the_head_only_from_rolled_samples(fam, gist_data, heads_dir
     assert not all(torch.equal(base[k], changed[k]) for k in base)
 
 
+def test_gist_batch_size_and_rolled_fraction_and_the_head_sample_count(fam, gist_data, heads_dir, caplog):
+    """batch_size and rolled_fraction reach the trainer (a batch above the dataset's size is clamped, said in
+    the log), and the log counts the samples that taught the head: the swaps core.head_train drew."""
+    import logging
+
+    from supercond.core import head_objective as ho
+    from supercond.core import head_train as ht
+    from supercond.core.seeds import seeded_generator
+
+    latents, conds = gist_data
+    with caplog.at_level(logging.INFO, logger="supercond"):
+        train(fam, conds, latent={"samples": latents}, mode="gist", steps=3, seed=5, batch_size=16,
+              rolled_fraction=0.5)
+    ids = torch.tensor([0, 1, 2, 3])  # the four captions differ
+    want = sum(int(ho.swap_captions(ids, ids, 0.5, seeded_generator(5, ht._DRAW, s))[1].sum()) for s in range(3))
+    assert "gist batch_size 16 is more than the 4 latents: using 4" in caplog.text
+    assert f"gist: {want} of 12 samples" in caplog.text and 0 < want < 12
+
+
 def test_gist_with_one_caption_has_nothing_to_roll(fam, prompts, gist_data, heads_dir):
     latents, _ = gist_data
-    with pytest.raises(ValueError, match="gist mode with a batch of one caption: nothing to roll"):
+    with pytest.raises(ValueError, match="gist mode needs at least 2 different captions to swap"):
         train(fam, prompts[0], latent={"samples": latents}, mode="gist")
     with pytest.raises(ValueError, match="gist mode trains on images"):
         train(fam, prompts[0], mode="gist")

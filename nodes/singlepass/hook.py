@@ -69,15 +69,21 @@ def native_two_head(model: Any) -> bool:
 
 
 def _base_copy(model: Any, path: str) -> nn.Module:
-    """A detached copy of a diffusion-model module with the checkpoint's own (unpatched) weights."""
+    """A detached copy of a diffusion-model module with the weights this MODEL samples with: the
+    checkpoint's, with the MODEL's own weight patches (a LoRA from LoraLoader) applied as ComfyUI
+    applies them at load, so a fresh head predicts exactly what the patched model does."""
     src, canon = fm.resolve(model.model.diffusion_model, path)
     mod = copy.deepcopy(src)
     backup = getattr(model, "backup", {})
     with torch.no_grad():
         for name, p in mod.named_parameters():
-            saved = backup.get(f"diffusion_model.{canon}.{name}")
-            if saved is not None:  # a LoRA is patched in place right now: take the original
+            key = f"diffusion_model.{canon}.{name}"
+            saved = backup.get(key)
+            if saved is not None:  # some MODEL's patches are in the shared weights right now: the original
                 p.copy_(saved.weight)
+            patched = _patched_weight(model, key, p)
+            if patched is not None:
+                p.copy_(patched)
     for sub in mod.modules():  # lowvram weight patches belong to the model, not the head
         for attr in ("weight_function", "bias_function"):
             if hasattr(sub, attr):
@@ -85,8 +91,24 @@ def _base_copy(model: Any, path: str) -> nn.Module:
     return mod.requires_grad_(False)
 
 
+def _patched_weight(model: Any, key: str, weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` with this MODEL's patches for ``key`` (None if it has none), computed as
+    ModelPatcher.patch_weight_to_device does: in float32, then rounded to the weight's dtype with the
+    key's seed."""
+    patches = getattr(model, "patches", {}).get(key)
+    if not patches:
+        return None
+    import comfy.float
+    import comfy.lora
+    from comfy.model_patcher import string_to_seed
+
+    out = comfy.lora.calculate_weight(patches, weight.to(torch.float32, copy=True), key)
+    return comfy.float.stochastic_rounding(out, weight.dtype, seed=string_to_seed(key))
+
+
 def new_head(model: Any, head_type: str, node: str = "SupercondNewHead") -> core_heads.SecondHead:
-    """A fresh head: copies of the base weights, so it predicts the conditional output (delta 0)."""
+    """A fresh head: copies of the model's tail (with its LoRA patches), so it predicts the conditional
+    output (delta 0)."""
     spec = model_spec(model, head_type, node)
     tail = fm.family_of(model, node).tail
     finals = [_base_copy(model, path) for path in tail.final]
@@ -206,7 +228,25 @@ class RunState:
     filed: dict = field(default_factory=dict)
     head_steps: int = 0
     two_pass_steps: int = 0
+    cached_steps: int = 0  # head steps whose model call a cache (EasyCache) skipped
+    head_diffs: dict = field(default_factory=dict)  # per cond uuid: the head's last output minus its input
     warned: set = field(default_factory=set)
+
+    def remember(self, uuids: list, raw: torch.Tensor, net_input: torch.Tensor) -> None:
+        """Keep the head's output as a difference to the model's input, per cond, as EasyCache keeps the
+        model's: a step the cache skips reuses it."""
+        diff = raw.float() - net_input[:, :raw.shape[1]].float()
+        for uid, chunk in zip(uuids, diff.chunk(len(uuids)), strict=True):
+            self.head_diffs[uid] = chunk
+
+    def recall(self, uuids: list, net_input: torch.Tensor) -> torch.Tensor:
+        """The head's output on a step whose model call a cache skipped: this input plus the last difference."""
+        if any(uid not in self.head_diffs for uid in uuids):
+            raise InputError("single-pass: a cache skipped the model call before the head had run once for this "
+                             "conditioning; start the cache later (its start_percent)")
+        self.cached_steps += 1
+        x = net_input[:, :self.latent_channels].float()
+        return torch.cat([xc + self.head_diffs[uid] for uid, xc in zip(uuids, x.chunk(len(uuids)), strict=True)])
 
     def warn_once(self, what: str, message: str) -> None:
         if what not in self.warned:
@@ -245,8 +285,8 @@ class SinglePassHook:
                 to.pop(KEY, None)
             else:
                 to[KEY] = previous
-            log.info("single-pass: %d model evaluations from one pass, %d with true two-pass CFG",
-                     run.head_steps, run.two_pass_steps)
+            log.info("single-pass: %d model evaluations from one pass (%d of them answered by a cache), %d with "
+                     "true two-pass CFG", run.head_steps, run.cached_steps, run.two_pass_steps)
 
     def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
         run: RunState | None = model_options.get("transformer_options", {}).get(KEY)
@@ -308,9 +348,15 @@ class SinglePassHook:
                 if split_handle is not None:
                     split_handle.remove()
         if run.active:
-            raw = cap.native_uncond if run.native else run_head(run.head, run.tail, net, cap)
-            uncond = base.model_sampling.calculate_denoised(t, raw.float(), x)
             uuids = to.get("uuids") or []
+            if run.native:
+                raw = cap.native_uncond
+            elif cap.final_args:
+                raw = run_head(run.head, run.tail, net, cap)
+                run.remember(uuids, raw, cap.x)
+            else:  # a cache (EasyCache) answered inside the model's forward: the head's output is cached alike
+                raw = run.recall(uuids, base.model_sampling.calculate_input(t, x))
+            uncond = base.model_sampling.calculate_denoised(t, raw.float(), x)
             for uid, chunk in zip(uuids, uncond.chunk(len(uuids)), strict=True):
                 run.filed[uid] = chunk
         return denoised

@@ -149,19 +149,23 @@ def starting_head(model: Any, head_type: str) -> core_heads.SecondHead:
 
 
 def gist_captions(rows: list[dict], n: int) -> torch.Tensor:
-    """Caption index per latent; refuses a batch that has nothing to roll."""
-    distinct = []
-    for r in rows:
-        if not any(r["cross_attn"].shape == d["cross_attn"].shape and torch.equal(r["cross_attn"], d["cross_attn"])
-                   for d in distinct):
-            distinct.append(r)
-    if n < 2 or len(distinct) < 2:
-        raise InputError(f"gist mode with a batch of one caption: nothing to roll ({n} latents, "
-                             f"{len(distinct)} distinct captions). Give at least 2 latents with different captions "
-                             "(e.g. SupercondLoadDataset), or use mode distill")
+    """Per latent, the index of the first row with its caption (equal captions share one), so a swapped
+    caption is drawn by the captions' frequency; refuses a dataset with nothing to swap."""
+    firsts: list[int] = []  # the first row of each distinct caption
+    ids: list[int] = []
+    for i, r in enumerate(rows):
+        same = next((j for j in firsts if rows[j]["cross_attn"].shape == r["cross_attn"].shape
+                     and torch.equal(rows[j]["cross_attn"], r["cross_attn"])), None)
+        if same is None:
+            firsts.append(i)
+        ids.append(i if same is None else same)
+    if len(set(ids)) < 2:
+        raise InputError(f"gist mode needs at least 2 different captions to swap ({n} latents, {len(set(ids))} "
+                         "distinct captions). Give latents with different captions (e.g. SupercondLoadDataset), "
+                         "or use mode distill")
     if len(rows) != n:
         raise InputError(f"gist mode needs one caption per latent: {n} latents but {len(rows)} conditionings")
-    return torch.arange(n)
+    return torch.tensor(ids)
 
 
 class SupercondTrainHead(io.ComfyNode):
@@ -174,7 +178,7 @@ class SupercondTrainHead(io.ComfyNode):
             description=("Trains the second (unconditional) head that SupercondSinglePass uses, so CFG costs one "
                          "model call per step. distill: the frozen model teaches the head its prediction for the "
                          "negative (empty) prompt on its own CFG trajectories, no images needed. gist: seed 003's "
-                         "rolled captions on a LATENT dataset. distill never changes the model; gist with lora_rank "
+                         "swapped captions on a LATENT dataset. distill never changes the model; gist with lora_rank "
                          "> 0 trains a LoRA on it too (saved under models/loras). Saves head files under "
                          f"models/{FOLDER} (load them later with SupercondLoadHead)."),
             inputs=[
@@ -185,8 +189,8 @@ class SupercondTrainHead(io.ComfyNode):
                 io.Combo.Input("mode", options=["distill", "gist"], default="distill",
                                tooltip="distill: learn the frozen model's prediction for `negative` from the same "
                                        "pass's features (any checkpoint, no images; the model is not changed). "
-                                       "gist (seed 003): needs a LATENT with one caption per latent; ~10% of samples "
-                                       "get another sample's caption and teach the head, the others teach the "
+                                       "gist (seed 003): needs a LATENT with one caption per latent; rolled_fraction "
+                                       "of the samples get a caption drawn from the dataset's and teach the head, the others teach the "
                                        "model's own (conditional) output. That part needs lora_rank > 0 (a LoRA on "
                                        "the model); with lora_rank 0 the model stays frozen and only the head "
                                        "learns."),
@@ -227,6 +231,18 @@ class SupercondTrainHead(io.ComfyNode):
                 io.Boolean.Input("resume", default=False,
                                  tooltip="Continue from the last checkpoint of this prefix, optimizer state "
                                          "included, up to steps."),
+                io.Int.Input("batch_size", default=BATCH, min=1, max=4096, optional=True,
+                             tooltip="Samples per step. distill: trajectories per step when no LATENT sets their "
+                                     "number. gist: latents per step (at most the dataset's size); only the "
+                                     "rolled_fraction share teaches the head, so at 4 and 0.1 two steps in three "
+                                     "teach it nothing: the log says how many samples taught the head. The gist "
+                                     "was published at batch 256."),
+                io.Float.Input("rolled_fraction", default=ho.GIST_FRACTION, min=0.01, max=0.9, step=0.01,
+                               optional=True,
+                               tooltip="gist: the share of samples whose caption is swapped for one drawn from the "
+                                       "dataset's captions (independent of the image, its own included); those "
+                                       "samples teach the head the unconditional prediction, the rest the "
+                                       "conditional one. Unused in distill mode."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained head attached (in gist "
@@ -248,12 +264,13 @@ class SupercondTrainHead(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, mode, steps, learning_rate, head, lora_rank, cfg_min, cfg_max, seed,
-                save_every, filename_prefix, resume, negative=None, latent=None) -> io.NodeOutput:
+                save_every, filename_prefix, resume, negative=None, latent=None, batch_size=BATCH,
+                rolled_fraction=ho.GIST_FRACTION) -> io.NodeOutput:
         import folder_paths
 
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
-        cfg = HeadTrainConfig(mode, steps, learning_rate, cfg_min, cfg_max, seed, BATCH,
-                              tm.auto_prediction(model, "auto", NODE))
+        cfg = HeadTrainConfig(mode, steps, learning_rate, cfg_min, cfg_max, seed, batch_size,
+                              tm.auto_prediction(model, "auto", NODE), rolled_fraction=rolled_fraction)
         try:
             cfg.validate()
         except ho.HeadTrainError as e:
@@ -293,7 +310,7 @@ def _pool_or_latents(mp: Any, latent: dict | None, n_prompts: int, cfg: HeadTrai
     ms = mp.get_model_object("model_sampling")
     if latent is not None and bool(latent["samples"].abs().amax() > 0):
         return None, fm.latent_in(mp, latent["samples"])
-    samples = torch.zeros(BATCH, 4, TRAJ_LATENT, TRAJ_LATENT) if latent is None else latent["samples"]
+    samples = torch.zeros(cfg.batch_size, 4, TRAJ_LATENT, TRAJ_LATENT) if latent is None else latent["samples"]
     # the sampler's own fix: the family's channel count, Qwen-Image and Wan latents 5-D
     samples = comfy.sample.fix_empty_latent_channels(mp, samples)
     n, shape = samples.shape[0], tuple(samples.shape[1:])
@@ -344,8 +361,11 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
         if latent is None:
             raise InputError("gist mode trains on images: connect a LATENT (e.g. SupercondLoadDataset) with one "
                                  "caption per latent")
-        captions = gist_captions(pos_rows, latent["samples"].shape[0])
-        cfg.batch_size = min(BATCH, latent["samples"].shape[0])
+        n = latent["samples"].shape[0]
+        captions = gist_captions(pos_rows, n)
+        if cfg.batch_size > n:
+            log.info("supercond: gist batch_size %d is more than the %d latents: using %d", cfg.batch_size, n, n)
+            cfg.batch_size = n
     start = starting_head(model, head_type)
     mp = model.clone()
     with torch.inference_mode(False), torch.enable_grad():
@@ -382,8 +402,8 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
                               device=device)
         if cfg.mode == "gist" and backbone is None:
             log.info("supercond: gist mode with lora_rank 0: the model stays frozen and only the head learns (from "
-                     "the ~%d%% rolled samples); the conditional term is in the loss but trains nothing",
-                     round(ho.GIST_FRACTION * 100))
+                     "the ~%d%% samples with swapped captions); the conditional term is in the loss but trains "
+                     "nothing", round(cfg.rolled_fraction * 100))
         elif backbone is not None:
             log.info("supercond: gist mode with lora_rank %d: a LoRA on %d layers of the model learns the "
                      "conditional output with the head", lora_rank, len(backbone.layers))
@@ -418,6 +438,11 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
         with hooked.attached() if hooked is not None else contextlib.nullcontext(), tm.trainable(mp, net):
             last = train_run.run_steps(step, lambda: trainer.step, cfg.steps, save, save_every, node_id,
                                        what="head training")
+        if cfg.mode == "gist":
+            seen = trainer.step * cfg.batch_size
+            log.info("supercond: gist: %d of %d samples (%.1f%%) taught the head (swapped captions) in %d steps "
+                     "of %d; raise batch_size or steps if that is few", trainer.head_samples, seen,
+                     100.0 * trainer.head_samples / max(seen, 1), trainer.step, cfg.batch_size)
         return last[0], trainer.losses, last[1], last[2]
 
 
