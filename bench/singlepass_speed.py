@@ -2,6 +2,7 @@
 
     python bench/singlepass_speed.py [--families sd15 sdxl sd3 chroma qwen_image wan21 flux]
                                      [--size 256 [sd3=1024 ...]] [--steps 3] [--repeats 3]
+    python bench/singlepass_speed.py --caches [--families sd15] [--cache-steps 20]
 
 Per family, at one image size (Wan: a 5-frame clip; ``--size`` takes a default and per-family
 ``name=px`` overrides, by default larger for the fixtures too small to be compute-bound at 256 px:
@@ -19,6 +20,13 @@ cfg 1 with a guidance embedding): single-pass only applies when it is run with r
 for completeness. The fixtures have random weights and tiny depths (one or two blocks where
 ComfyUI's detection allows), so a block is a larger share of the model than in the real ones:
 the last_block head's share here is an upper bound.
+
+``--caches``: single-pass stacked with ComfyUI's EasyCache and LazyCache (reuse_threshold 0.2, their
+defaults), against two-pass CFG under the same cache: seconds per whole run of ``--cache-steps``
+steps (differencing does not apply: a cache's skips depend on the step count), speed-up over plain
+two-pass CFG, and the steps the cache skipped. The projection head is fresh (these fixtures have no
+trained head), which does not change the cost; whether a cache skips depends on the outputs, so the
+skip counts of a real model differ.
 """
 
 from __future__ import annotations
@@ -114,6 +122,77 @@ def variants(spec, model, pos, neg, size: int, steps: int) -> dict:
     }
 
 
+CACHES = ("EasyCache", "LazyCache")
+
+
+def cache_rows(spec, model, pos, neg, size: int, steps: int) -> dict:
+    """name -> run() giving (seconds for one run, steps the cache skipped) for CFG and single-pass, plain and
+    under each cache."""
+    import logging as logging_
+    import re
+
+    import nodes
+    from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
+
+    from supercond.nodes.singlepass.nodes import SupercondNewHead, SupercondSinglePass
+
+    single = SupercondSinglePass.execute(SupercondNewHead.execute(model, "projection").result[0], 0, "head").result[0]
+    cache_nodes = {"EasyCache": EasyCacheNode, "LazyCache": LazyCacheNode}
+
+    class Skips(logging_.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.skipped = 0
+
+        def emit(self, record: logging_.LogRecord) -> None:
+            m = re.search(r"Cache - skipped (\d+)/", record.getMessage())
+            if m:
+                self.skipped = int(m[1])
+
+    def run(m):
+        def go() -> tuple[float, int]:
+            handler = Skips()
+            logging_.getLogger().addHandler(handler)
+            try:
+                t0 = time.perf_counter()
+                nodes.common_ksampler(m, 0, steps, 5.0, "euler", "simple", pos, neg, latent(spec, size))
+                return time.perf_counter() - t0, handler.skipped
+            finally:
+                logging_.getLogger().removeHandler(handler)
+        return go
+
+    out = {"cfg": run(model), "single-pass": run(single)}
+    for cache in CACHES:
+        node = cache_nodes[cache]
+        out[f"cfg + {cache}"] = run(node.execute(model, 0.2, 0.15, 0.95, False).result[0])
+        out[f"single-pass + {cache}"] = run(node.execute(single, 0.2, 0.15, 0.95, False).result[0])
+    return out
+
+
+def cache_table(args: argparse.Namespace) -> None:
+    log.info(header(f"single-pass under ComfyUI's caches, {args.cache_steps} steps, cfg 5, euler, median of "
+                    f"{args.repeats} interleaved whole runs"))
+    for name in args.families:
+        spec, model, pos, neg = load(name)
+        size = sizes(args.size).get(name, 256)
+        rows = cache_rows(spec, model, pos, neg, size, args.cache_steps)
+        times: dict[str, list[float]] = {k: [] for k in rows}
+        skipped: dict[str, int] = {}
+        with torch.inference_mode():
+            for fn in rows.values():
+                fn()
+            for _ in range(args.repeats):
+                for k, fn in rows.items():
+                    t, skipped[k] = fn()
+                    times[k].append(t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        log.info(f"| {name + f' {size} px':<25} | {'s/run':>7} | {'x faster than cfg':>17} | {'steps skipped':>13} |")
+        log.info(f"|{'-' * 27}|{'-' * 9}|{'-' * 19}|{'-' * 15}|")
+        for k in rows:
+            log.info(f"| {k:<25} | {med[k]:7.2f} | {med['cfg'] / med[k]:17.2f} | "
+                     f"{skipped[k]:>5}/{args.cache_steps:<7} |")
+
+
 def _timed(fn):
     def run() -> float:
         t0 = time.perf_counter()
@@ -141,7 +220,14 @@ def main() -> None:
                     help="a default size in px and per-family overrides such as sd3=1024")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--caches", action="store_true", help="the table with EasyCache / LazyCache instead")
+    ap.add_argument("--cache-steps", type=int, default=20)
     args = ap.parse_args()
+    if args.caches:
+        if args.families == [*REAL_CFG, "flux"]:
+            args.families = ["sd15"]
+        cache_table(args)
+        return
 
     px = sizes(args.size)
     log.info(header(f"single-pass vs two-pass CFG per family fixture, {args.steps} steps, cfg 5, "

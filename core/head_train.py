@@ -28,10 +28,10 @@ from .train import NaNLoss
 from .train_data import epoch_indices
 
 MODES: tuple[str, ...] = ("distill", "gist")
-_DRAW, _POOL, _POOL_SCALE, _POOL_PROMPT = 0, 2, 3, 4  # stream 1: core.train.epoch_indices' permutations
+_DRAW, _POOL, _POOL_SCALE, _POOL_PROMPT, _POOL_NEGATIVE, _NEGATIVE = 0, 2, 3, 4, 5, 6  # 1: epoch_indices' permutations
 
-# (x, sigma, prompt index per sample) -> (cond x0, uncond x0, features of the positive rows)
-Teach = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, Any]]
+# (x, sigma, prompt index, negative index per sample) -> (cond x0, uncond x0, features of the positive rows)
+Teach = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, Any]]
 # (x, sigma, caption index per sample) -> (cond x0, features)
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]]
 # (features, x, sigma) -> the head's uncond x0, with grad
@@ -74,7 +74,8 @@ class TrajectoryPool:
     """``n`` chains, each following Euler steps of the teacher's CFG-guided prediction down a short
     sigma schedule from pure noise (research/singlepass.md 4.3: train on on-policy states).
 
-    A chain draws its guidance scale in [cfg_min, cfg_max] and its prompt once per lap; a chain
+    A chain draws its guidance scale in [cfg_min, cfg_max], its prompt and its negative prompt (of
+    ``n_negatives``) once per lap; a chain
     that reaches the last non-zero sigma restarts from fresh seeded noise. Chains are staggered by
     cutting chain j's *first* lap short by ``j*K/n`` steps, so after a few steps a batch mixes
     sigmas without a single teacher call spent outside training, and every state stays on-policy.
@@ -83,16 +84,18 @@ class TrajectoryPool:
     """
 
     def __init__(self, sigmas: torch.Tensor, n: int, shape: Sequence[int], start: Callable[[torch.Tensor], torch.Tensor],
-                 n_prompts: int, cfg_min: float, cfg_max: float, seed: int, device: torch.device | str = "cpu") -> None:
+                 n_prompts: int, cfg_min: float, cfg_max: float, seed: int, device: torch.device | str = "cpu",
+                 n_negatives: int = 1) -> None:
         sigmas = sigmas.detach().float().cpu()
         if sigmas.dim() != 1 or len(sigmas) < 2 or not (sigmas[:-1] > 0).all():
             raise ho.HeadTrainError("the trajectory schedule needs at least one positive sigma followed by the last one")
-        if n < 1 or n_prompts < 1:
-            raise ho.HeadTrainError("the trajectory pool needs at least one chain and one prompt")
+        if n < 1 or n_prompts < 1 or n_negatives < 1:
+            raise ho.HeadTrainError("the trajectory pool needs at least one chain, one prompt and one negative")
         ho.check_scale_range(cfg_min, cfg_max)
         self.sigmas, self.k = sigmas, len(sigmas) - 1  # states live at sigmas[0..k-1]
         self.n, self.shape, self.start = n, tuple(shape), start
         self.n_prompts, self.cfg_min, self.cfg_max, self.seed = n_prompts, cfg_min, cfg_max, seed
+        self.n_negatives = n_negatives
         self.device = torch.device(device)
         self.x = torch.empty((n, *self.shape), device=self.device)
         self.index = torch.zeros(n, dtype=torch.long)
@@ -100,6 +103,7 @@ class TrajectoryPool:
         self.stop = torch.tensor([self.k - (j * self.k) // n for j in range(n)], dtype=torch.long)
         self.scale = torch.empty(n)
         self.prompt = torch.zeros(n, dtype=torch.long)
+        self.negative = torch.zeros(n, dtype=torch.long)
         for j in range(n):
             self._restart(j)
 
@@ -111,10 +115,17 @@ class TrajectoryPool:
         g = seeded_generator(self.seed, _POOL_SCALE, j, lap)
         self.scale[j] = self.cfg_min + (self.cfg_max - self.cfg_min) * torch.rand((), generator=g)
         self.prompt[j] = torch.randint(self.n_prompts, (), generator=seeded_generator(self.seed, _POOL_PROMPT, j, lap))
+        if self.n_negatives > 1:  # its own stream: a pool of one negative draws exactly as before
+            g = seeded_generator(self.seed, _POOL_NEGATIVE, j, lap)
+            self.negative[j] = torch.randint(self.n_negatives, (), generator=g)
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x, sigma, guidance scale, prompt index) of every chain, as they are now."""
         return self.x.clone(), self.sigmas[self.index].to(self.device), self.scale.clone(), self.prompt.clone()
+
+    def negatives(self) -> torch.Tensor:
+        """The negative prompt index of every chain (its guided trajectory uses it)."""
+        return self.negative.clone()
 
     def advance(self, guided_x0: torch.Tensor) -> None:
         """One Euler step of every chain along the guided prediction at its current state."""
@@ -130,7 +141,8 @@ class TrajectoryPool:
 
     def state_dict(self) -> dict:
         return {"x": self.x.detach().cpu().clone(), "index": self.index.clone(), "lap": self.lap.clone(),
-                "stop": self.stop.clone(), "scale": self.scale.clone(), "prompt": self.prompt.clone()}
+                "stop": self.stop.clone(), "scale": self.scale.clone(), "prompt": self.prompt.clone(),
+                "negative": self.negative.clone()}
 
     def load_state_dict(self, state: Mapping) -> None:
         if tuple(state["x"].shape) != tuple(self.x.shape):
@@ -139,14 +151,15 @@ class TrajectoryPool:
         self.x = state["x"].to(self.device, self.x.dtype)
         for name in ("index", "lap", "stop", "scale", "prompt"):
             setattr(self, name, state[name].clone())
+        self.negative = state.get("negative", torch.zeros_like(self.prompt)).clone()  # older states: one
 
 
 class HeadTrainer:
     """One objective step at a time; ``params`` are what the optimizer trains in the head (the head, or
     a LoRA in it), ``backbone`` the model's own trainable parameters (gist only: a LoRA on the model).
 
-    - distill: ``teach`` (no grad) gives the teacher's cond and uncond predictions and the features
-      of the positive rows; ``head`` predicts the uncond from those features; loss ``distill_loss``.
+    - distill: ``teach`` (no grad) gives the teacher's cond and uncond predictions (the uncond for each
+      sample's negative prompt, of ``n_negatives``) and the features of the positive rows; ``head`` predicts the uncond from those features; loss ``distill_loss``.
       States come from ``pool`` (on-policy trajectories) or, if given, noised ``latents``.
     - gist: each shuffled batch swaps about ``rolled_fraction`` of its captions (``ho.swap_captions``); ``forward`` gives the cond prediction and
       features under the captions as rolled; loss ``gist_loss`` with the head's output on rolled
@@ -163,7 +176,7 @@ class HeadTrainer:
                  sigma_table: torch.Tensor, *, teach: Teach | None = None, forward: Forward | None = None,
                  latents: torch.Tensor | None = None, captions: torch.Tensor | None = None, n_prompts: int = 1,
                  pool: TrajectoryPool | None = None, backbone: Sequence[torch.nn.Parameter] = (),
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", n_negatives: int = 1) -> None:
         cfg.validate()
         if backbone and cfg.mode != "gist":
             raise ho.HeadTrainError("only gist mode trains the model itself; distill keeps it frozen (its LoRA, "
@@ -180,6 +193,7 @@ class HeadTrainer:
         self.latents = None if latents is None else latents.detach().float().cpu()
         self.captions = captions
         self.n_prompts = n_prompts
+        self.n_negatives = n_negatives  # distill: the negative prompts the teacher draws from (per sample)
         self.backbone = list(backbone)
         self.device = torch.device(device)
         self.groups = [g for g in (self.params, self.backbone) if g]
@@ -207,14 +221,16 @@ class HeadTrainer:
         g = seeded_generator(cfg.seed, _DRAW, step)
         if self.pool is not None:
             x, sigma, scale, prompt = self.pool.batch()
+            negative = self.pool.negatives()
         else:
             n = len(self.latents)
             idx = epoch_indices(n, cfg.batch_size, step * cfg.batch_size, cfg.seed)
             x, sigma, _ = self._noised(idx, g)
             scale = ho.sample_scales(len(idx), cfg.cfg_min, cfg.cfg_max, g)
             prompt = idx if self.n_prompts == n else torch.randint(self.n_prompts, (len(idx),), generator=g)
+            negative = torch.randint(self.n_negatives, (len(idx),), generator=seeded_generator(cfg.seed, _NEGATIVE, step))
         with torch.no_grad():
-            cond, uncond, feats = self.teach(x, sigma, prompt)
+            cond, uncond, feats = self.teach(x, sigma, prompt, negative)
         u_hat = self.head(feats, x, sigma)
         loss = ho.distill_loss(self._native(u_hat, x, sigma), self._native(uncond, x, sigma), scale,
                                cfg.cfg_min, cfg.cfg_max)

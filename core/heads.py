@@ -44,9 +44,13 @@ class HeadSpec:
     features: str     # where the head reads its features, e.g. "unet.out", "final_layer"
     head_type: str    # one of HEAD_TYPES
     width: int        # feature width (channels or hidden size) at that point
+    # The head's copied block reads the negative prompt's tokens (trained with negative_prompts); files
+    # without the field are heads for the empty prompt.
+    reads_negative: bool = False
 
     def to_metadata(self) -> dict[str, str]:
         md = {f.name: str(getattr(self, f.name)) for f in fields(self)}
+        md["reads_negative"] = "true" if self.reads_negative else "false"
         return {"format": FORMAT, "format_version": str(FORMAT_VERSION), **md}
 
     @classmethod
@@ -59,7 +63,7 @@ class HeadSpec:
         if not version.isdigit() or int(version) > FORMAT_VERSION:
             raise HeadFileError(f"{where} has head format version {version!r}; this Supercond reads up to "
                                 f"version {FORMAT_VERSION}: update Supercond")
-        missing = [f.name for f in fields(cls) if f.name not in md]
+        missing = [f.name for f in fields(cls) if f.name not in md and f.name != "reads_negative"]
         if missing:
             raise HeadFileError(f"{where} lacks the metadata fields {missing}")
         if md["head_type"] not in HEAD_TYPES:
@@ -68,7 +72,10 @@ class HeadSpec:
             width = int(md["width"])
         except ValueError:
             raise HeadFileError(f"{where} has a non-integer feature width {md['width']!r}") from None
-        return cls(md["family"], md["prediction"], md["features"], md["head_type"], width)
+        reads = md.get("reads_negative", "false")
+        if reads not in ("true", "false"):
+            raise HeadFileError(f"{where} has reads_negative {reads!r}; expected 'true' or 'false'")
+        return cls(md["family"], md["prediction"], md["features"], md["head_type"], width, reads == "true")
 
     def misfit(self, model: HeadSpec) -> str | None:
         """None if this head fits ``model`` (a spec built from the model), else what differs."""

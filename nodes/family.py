@@ -16,6 +16,7 @@ Adding a family is adding one ``Family`` entry (and its fixture and tests).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -200,6 +201,34 @@ def block_tokens(tail: Tail, block_out: Any, final_tokens: int) -> torch.Tensor:
     single blocks carry the text tokens in front; MMDiT and Qwen blocks return (text, image))."""
     tokens = block_out if tail.block_tokens is None else block_out[tail.block_tokens]
     return tokens[:, -final_tokens:] if tokens.shape[1] != final_tokens else tokens
+
+
+def block_reads_text(tail: Tail, block: nn.Module) -> bool:
+    """True if a copied last block attends to the prompt through a ``context`` it is handed: a UNet
+    output block with a cross-attention transformer (SD1.x; SDXL's last output block is a ResBlock),
+    every Wan block. MMDiT, Flux/Chroma and Qwen-Image blocks carry the text as an evolved stream
+    of their own instead, which a head cannot swap for another prompt's tokens."""
+    if tail.layout == "unet":
+        return any(type(m).__name__ == "SpatialTransformer" for m in block.modules())
+    return tail.layout == "wan"
+
+
+def block_context(tail: Tail, net: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """A prompt's tokens (c_crossattn) as the last block's cross-attention reads them: as they are
+    in a UNet, through the text embedding in Wan (as its forward does before the blocks)."""
+    if tail.layout == "unet":
+        return tokens
+    if tail.layout == "wan":
+        weight = next(net.text_embedding.parameters())
+        return net.text_embedding(tokens.to(weight.device, weight.dtype))
+    raise ValueError(f"the {tail.layout} layout's last block reads no context")
+
+
+def stack_tokens(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Token tensors [1, T_i, D] as one batch, repeated to a common length as ComfyUI batches prompts
+    of different lengths (CLIP: multiples of 77)."""
+    lcm = math.lcm(*(int(r.shape[1]) for r in rows))
+    return torch.cat([r.repeat(1, lcm // r.shape[1], 1) for r in rows])
 
 
 # -- LoRA layers and their kohya names ---------------------------------------------------------------

@@ -100,7 +100,7 @@ class Toy:
     def apply(self, w, x):
         return torch.einsum("oc,bchw->bohw", w, x)
 
-    def teach(self, x, sigma, prompt):
+    def teach(self, x, sigma, prompt, negative=None):
         return self.apply(self.wc, x), self.apply(self.wu, x), x
 
     def head(self):

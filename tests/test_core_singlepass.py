@@ -35,14 +35,20 @@ def test_save_then_load_round_trips_bit_exactly(tmp_path):
         assert a.dtype == b.dtype
 
 
-def test_metadata_names_format_version_family_prediction_features_and_type(tmp_path):
+def test_metadata_names_format_version_family_prediction_features_type_and_negatives(tmp_path):
     from safetensors import safe_open
 
     path = heads.save_head(toy_head(), tmp_path / "h.safetensors")
     with safe_open(str(path), "pt") as f:
         md = f.metadata()
     assert md == {"format": "supercond.head", "format_version": "1", "family": "SD15", "prediction": "eps",
-                  "features": "out", "head_type": "projection", "width": "8"}
+                  "features": "out", "head_type": "projection", "width": "8", "reads_negative": "false"}
+    old = {k: v for k, v in md.items() if k != "reads_negative"}  # files written before the field
+    assert heads.HeadSpec.from_metadata(old) == SPEC and not SPEC.reads_negative
+    reads = heads.HeadSpec.from_metadata(md | {"reads_negative": "true"})
+    assert reads.reads_negative and reads.misfit(SPEC) is None
+    with pytest.raises(heads.HeadFileError, match="reads_negative 'yes'"):
+        heads.HeadSpec.from_metadata(md | {"reads_negative": "yes"})
 
 
 def test_misfit_says_expected_and_found():

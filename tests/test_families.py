@@ -279,6 +279,31 @@ def test_train_head_distills_saves_and_the_file_loads(fam, prompts, heads_dir):
     assert torch.equal(a, ksample(fam, single_pass(loaded), pos, neg, 4.0))
 
 
+def test_negative_reading_heads_where_the_last_block_reads_the_prompt(fam, prompts, heads_dir):
+    """negative_prompts train a head that reads the wired negative where the last block cross-attends to the
+    prompt (Wan here; SD1.x in test_train_head_comfy): two negatives, two images, one model call per step.
+    Elsewhere (SDXL's last block is a ResBlock; MMDiT-like blocks carry their own text stream) it is refused."""
+    from comfy_helpers import encode
+    from test_singlepass_comfy import single_pass
+
+    from supercond.nodes.errors import InputError
+
+    pos, neg = prompts
+    kw = dict(head="last_block", negative_prompts="a blue sphere\na dark room", clip=fam.clip)
+    if fam.name != "wan21":
+        with pytest.raises(InputError, match="negative_prompts need a head that reads the prompt"):
+            train_head(fam, pos, neg, **kw)
+        return
+    model = train_head(fam, pos, neg, **kw).result[0]
+    calls = []
+    handle = fam.model.model.diffusion_model.register_forward_pre_hook(lambda _m, a: calls.append(a[0].shape[0]))
+    try:
+        a, b = (ksample(fam, single_pass(model), pos, encode(fam, t), 4.0) for t in ("a blue sphere", "a dark room"))
+    finally:
+        handle.remove()
+    assert calls == [1] * 4 and not torch.equal(a, b) and bool(torch.isfinite(a).all())
+
+
 def train_lora(fam, latents, cond, **kw):
     from supercond.nodes.train.lora import SupercondTrainLoRA
 

@@ -146,6 +146,56 @@ def test_distillation_lowers_the_single_pass_error_well_below_the_fresh_head(fam
         assert sum(t[s]["rel_guided"] for _, t in trained) < 0.5 * sum(f[s]["rel_guided"] for _, f in fresh)
 
 
+NEGATIVES = "a blue sphere\na green cone on grass\na dark room\nblurry, low quality"
+HELD_OUT_NEGATIVE = "a yellow ring on a wooden shelf"
+
+
+@pytest.fixture(scope="module")
+def reads_negatives(fam, prompts, heads_dir):
+    """A head like the distilled fixture's (half the steps at twice the rate), reading each sample's negative
+    from a pool."""
+    pos, neg = prompts
+    return train(fam, pos, neg, empty_latent(), steps=60, learning_rate=2e-4, head="last_block", lora_rank=8,
+                 filename_prefix="neg/head", negative_prompts=NEGATIVES, clip=fam.clip).result
+
+
+def test_a_negative_reading_head_follows_the_wired_negative_in_one_call(fam, prompts, distilled, reads_negatives):
+    """With negative = head the wired negative reaches a negative-reading head (two negatives, two images, one
+    model call per step), not an empty-only head (the same image); against two-pass CFG with a negative that
+    was not in the pool, the negative-reading head's guidance error is below the empty-only head's."""
+    import comfy.utils
+    from comfy_helpers import encode, sample
+
+    from supercond.nodes.singlepass.nodes import SupercondLoadHead
+
+    pos, _ = prompts
+    model, path, _ = reads_negatives
+    meta = comfy.utils.safetensors_header(path, max_size=1 << 20)
+    assert b'"reads_negative":"true"' in meta
+    a, b = encode(fam, "a blue sphere"), encode(fam, "a dark room")
+    calls = []
+    net = fam.model.model.diffusion_model
+    handle = net.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+    try:
+        ia, ib = (sample(fam, single_pass(model), pos, n, cfg=6.0, steps=3) for n in (a, b))
+    finally:
+        handle.remove()
+    assert calls == [1] * 6 and not torch.equal(ia, ib)
+    empty_only = single_pass(distilled[0])
+    assert torch.equal(sample(fam, empty_only, pos, a, cfg=6.0, steps=3),
+                       sample(fam, empty_only, pos, b, cfg=6.0, steps=3))
+    loaded = SupercondLoadHead.execute(fam.model, "neg/head_000060.safetensors").result[0]
+    assert torch.equal(sample(fam, single_pass(loaded), pos, b, cfg=6.0, steps=3), ib)  # the file reads them too
+    held = encode(fam, HELD_OUT_NEGATIVE)
+    states = held_out_states(fam, pos, held)[::3]
+    mean = {}
+    for name, m in (("reads negatives", model), ("empty only", distilled[0])):
+        rows = errors(fam, m, states, pos, held)
+        mean[name] = sum(r[6.0]["rel_guided"] for _, r in rows) / len(rows)
+    log.warning("held-out negative %r, mean rel_guided at cfg 6: %s", HELD_OUT_NEGATIVE, mean)
+    assert mean["reads negatives"] < mean["empty only"], mean
+
+
 def test_the_conditional_path_and_the_base_weights_are_unchanged(fam, prompts, distilled):
     import comfy.patcher_extension as pe
 

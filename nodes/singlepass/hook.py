@@ -18,6 +18,7 @@ call, whether or not the step uses guidance.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -125,7 +126,9 @@ def head_from_file(model: Any, path: str, name: str | None = None,
     misfit = spec.misfit(want)
     if misfit:
         raise InputError(f"head {name} does not fit this model ({want.family}, {want.prediction}): {misfit}")
-    return core_heads.load_state(new_head(model, spec.head_type, node), tensors, where=name)
+    head = core_heads.load_state(new_head(model, spec.head_type, node), tensors, where=name)
+    head.spec = dataclasses.replace(head.spec, reads_negative=spec.reads_negative)
+    return head
 
 
 def attach_head(model: Any, head: core_heads.SecondHead) -> Any:
@@ -149,6 +152,7 @@ class Capture:
     block_args: tuple = ()
     block_kwargs: dict = field(default_factory=dict)
     native_uncond: torch.Tensor | None = None
+    negative_context: torch.Tensor | None = None  # a negative-reading head's context (the negative's tokens)
 
     @property
     def x(self) -> torch.Tensor:
@@ -197,13 +201,16 @@ def run_head(head: core_heads.SecondHead, tail: fm.Tail, net: nn.Module, cap: Ca
 
             h, emb = cap.block_args[:2]
             kw = cap.net_kwargs
-            h = forward_timestep_embed(head.block, h, emb, kw.get("context"), kw.get("transformer_options", {}),
+            context = kw.get("context") if cap.negative_context is None else cap.negative_context
+            h = forward_timestep_embed(head.block, h, emb, context, kw.get("transformer_options", {}),
                                        None, time_context=kw.get("time_context"),
                                        num_video_frames=kw.get("num_video_frames"),
                                        image_only_indicator=kw.get("image_only_indicator"))
             fargs = (h.type(cap.x.dtype),)
         else:
-            out = head.block(*cap.block_args, **cap.block_kwargs)
+            bkw = cap.block_kwargs if cap.negative_context is None else {**cap.block_kwargs,
+                                                                         "context": cap.negative_context}
+            out = head.block(*cap.block_args, **bkw)
             fargs = (fm.block_tokens(tail, out, cap.final_args[0].shape[1]), *cap.final_args[1:])
     return fm.to_output(tail, net, head.final(*fargs, **fkw), cap.x)
 
@@ -230,6 +237,7 @@ class RunState:
     two_pass_steps: int = 0
     cached_steps: int = 0  # head steps whose model call a cache (EasyCache) skipped
     head_diffs: dict = field(default_factory=dict)  # per cond uuid: the head's last output minus its input
+    negative_tokens: torch.Tensor | None = None  # the wired negative's tokens, for a negative-reading head
     warned: set = field(default_factory=set)
 
     def remember(self, uuids: list, raw: torch.Tensor, net_input: torch.Tensor) -> None:
@@ -252,6 +260,11 @@ class RunState:
         if what not in self.warned:
             self.warned.add(what)
             log.warning(message)
+
+    def note_once(self, what: str, message: str) -> None:
+        if what not in self.warned:
+            self.warned.add(what)
+            log.info(message)
 
 
 class SinglePassHook:
@@ -301,6 +314,7 @@ class SinglePassHook:
                           "head; these steps run true two-pass CFG")
             run.two_pass_steps += 1
             return executor(model, conds, x_in, timestep, model_options)
+        run.negative_tokens = self._negative_tokens(run, conds[1])
         run.active, run.filed = True, {}
         try:
             out = list(executor(model, [conds[0], None], x_in, timestep, model_options))
@@ -309,6 +323,21 @@ class SinglePassHook:
         out[1] = self._uncond(run, conds[0], x_in, timestep)
         run.head_steps += 1
         return out
+
+    @staticmethod
+    def _negative_tokens(run: RunState, entries: list[dict]) -> torch.Tensor | None:
+        """The wired negative's tokens when the head reads negatives, else None (and the log says the
+        negative is not evaluated)."""
+        if run.head is None or not run.head.spec.reads_negative:
+            if entries:
+                run.note_once("empty-only", "single-pass: this head predicts the empty prompt's output; the wired "
+                              "negative prompt is not evaluated (a head trained with negative_prompts reads it)")
+            return None
+        if len(entries) > 1:
+            run.warn_once("negatives", "single-pass: several negative entries (areas, masks or combined prompts): "
+                          "the head reads the first one's prompt")
+        crossattn = entries[0].get("model_conds", {}).get("c_crossattn")
+        return crossattn.cond if crossattn is not None else entries[0]["cross_attn"]
 
     @staticmethod
     def _uncond(run: RunState, entries: list[dict], x_in: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
@@ -352,6 +381,10 @@ class SinglePassHook:
             if run.native:
                 raw = cap.native_uncond
             elif cap.final_args:
+                if run.negative_tokens is not None:
+                    ctx = cap.net_kwargs.get("context")
+                    tokens = run.negative_tokens.to(cap.x.device, ctx.dtype if ctx is not None else cap.x.dtype)
+                    cap.negative_context = fm.block_context(run.tail, net, tokens).expand(cap.x.shape[0], -1, -1)
                 raw = run_head(run.head, run.tail, net, cap)
                 run.remember(uuids, raw, cap.x)
             else:  # a cache (EasyCache) answered inside the model's forward: the head's output is cached alike

@@ -30,9 +30,10 @@ register_folder()
 
 _HEAD_TIP = ("projection: a copy of the final projection (tiny, ~free). last_block: a copy of the last block "
              "and the projection (stronger, costs one block per step). Both start as 'no guidance' (= cfg 1).")
-_NEG_TIP = ("head (default): the head predicts the model's output for an EMPTY prompt and stands in for the "
-            "negative; whatever negative is wired is not evaluated. real_cfg: always run true two-pass CFG "
-            "with the wired negative (no speed-up), for a negative prompt that matters.")
+_NEG_TIP = ("head (default): the head stands in for the negative at one model call per step. A head trained "
+            "with negative_prompts (SupercondTrainHead; SD1.x and Wan last_block heads) reads the wired negative; "
+            "any other head predicts the output for an EMPTY prompt and the wired negative is not evaluated "
+            "(the log says which). real_cfg: always run true two-pass CFG with the wired negative (no speed-up).")
 
 
 class SupercondNewHead(io.ComfyNode):

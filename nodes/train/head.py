@@ -12,6 +12,7 @@ the head, is saved as a kohya file under ``loras`` and applied to the output MOD
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -85,14 +86,15 @@ class Teacher:
     outlive it). ``trains_backbone``: the features keep their graph, so the head's loss reaches a LoRA
     on the model (gist)."""
 
-    def __init__(self, mp: Any, device: torch.device, head_type: str, positive: list[dict], negative: dict | None,
-                 trains_backbone: bool = False):
+    def __init__(self, mp: Any, device: torch.device, head_type: str, positive: list[dict], negatives: list[dict],
+                 trains_backbone: bool = False, reads_negative: bool = False):
         self.call = fm.ModelCall(mp, device)
         self.net = mp.model.diffusion_model
         self.tail = fm.family_of(mp, NODE).tail
         self.head_type = head_type
-        self.positive, self.negative = positive, negative
+        self.positive, self.negatives = positive, negatives
         self.trains_backbone = trains_backbone
+        self.reads_negative = reads_negative  # the head's block reads each sample's negative prompt
 
     def _calls(self, x: torch.Tensor, sigma: torch.Tensor, rows: list[dict], first: int
                ) -> tuple[torch.Tensor, Features]:
@@ -114,12 +116,19 @@ class Teacher:
         return hook.Capture(*(_take(getattr(cap, f), rows, total, not self.trains_backbone) for f in
                               ("net_args", "net_kwargs", "final_args", "final_kwargs", "block_args", "block_kwargs")))
 
-    def teach(self, x: torch.Tensor, sigma: torch.Tensor, prompt: torch.Tensor):
+    def teach(self, x: torch.Tensor, sigma: torch.Tensor, prompt: torch.Tensor, negative: torch.Tensor):
         """[positive rows, negative rows] in as few calls as the sampler would make (cond first, as
-        ComfyUI batches CFG); the features are the positive rows'."""
+        ComfyUI batches CFG), each sample with its own negative prompt; the features are the positive
+        rows', with the sample's negative as the block reads it when the head reads negatives."""
         b = x.shape[0]
-        rows = [self.positive[int(i)] for i in prompt] + [self.negative] * b
-        x0, feats = self._calls(torch.cat([x, x]), torch.cat([sigma, sigma]), rows, b)
+        negs = [self.negatives[int(i)] for i in negative]
+        x0, feats = self._calls(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                                [self.positive[int(i)] for i in prompt] + negs, b)
+        if self.reads_negative:
+            for keep, cap in feats:
+                tokens = fm.stack_tokens([negs[i]["cross_attn"] for i in keep]).to(x.device)
+                with torch.no_grad():
+                    cap.negative_context = fm.block_context(self.tail, self.net, tokens).float()
         return x0[:b], x0[b:], feats
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, captions: torch.Tensor):
@@ -166,6 +175,35 @@ def gist_captions(rows: list[dict], n: int) -> torch.Tensor:
     if len(rows) != n:
         raise InputError(f"gist mode needs one caption per latent: {n} latents but {len(rows)} conditionings")
     return torch.tensor(ids)
+
+
+def check_reads_text(model: Any, head_type: str) -> None:
+    """A negative-reading head needs a copied last block that attends to the prompt."""
+    fam = fm.family_of(model, NODE)
+    if head_type != "last_block" or not fm.block_reads_text(fam.tail, fm.resolve(model.model.diffusion_model,
+                                                                                 fam.tail.block)[0]):
+        raise InputError(f"negative_prompts need a head that reads the prompt: head last_block on a model whose "
+                         f"last block attends to the text (SD1.x, Wan); this is a {head_type} head on {fam.label}. "
+                         "Clear negative_prompts for a head of the empty prompt")
+
+
+def encode_negatives(text: str, clip: Any, mode: str, head_type: str, model: Any) -> list[dict]:
+    """negative_prompts (one per line) and the empty prompt as conditioning rows, or [] when there are none."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not lines:
+        return []
+    if mode != "distill":
+        raise InputError("negative_prompts are for distill mode (the teacher's two-pass CFG draws them); clear them "
+                         "for gist")
+    check_reads_text(model, head_type)
+    if clip is None:
+        raise InputError("negative_prompts need the clip input to be encoded: connect the model's CLIP")
+    rows = []
+    for line in [*lines, ""]:
+        rows += conditioning_rows(clip.encode_from_tokens_scheduled(clip.tokenize(line)), "negative_prompts")[0]
+    log.info("supercond: the head learns to read %d negative prompts (and the empty prompt and the wired negative)",
+             len(lines))
+    return rows
 
 
 class SupercondTrainHead(io.ComfyNode):
@@ -243,6 +281,14 @@ class SupercondTrainHead(io.ComfyNode):
                                        "dataset's captions (independent of the image, its own included); those "
                                        "samples teach the head the unconditional prediction, the rest the "
                                        "conditional one. Unused in distill mode."),
+                io.String.Input("negative_prompts", default="", multiline=True, optional=True,
+                                tooltip="distill with a last_block head on a model whose last block reads the prompt "
+                                        "(SD1.x, Wan): negative prompts, one per line. The teacher runs two-pass "
+                                        "CFG with a negative drawn per trajectory from these, the empty prompt and "
+                                        "the wired negative, and the head learns to read the negative's tokens: "
+                                        "SupercondSinglePass then feeds it the negative you wire, still at one "
+                                        "model call per step. Needs clip. Empty: a head for the empty prompt."),
+                io.Clip.Input("clip", optional=True, tooltip="Encodes negative_prompts (the model's own text encoder)."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained head attached (in gist "
@@ -265,7 +311,7 @@ class SupercondTrainHead(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, mode, steps, learning_rate, head, lora_rank, cfg_min, cfg_max, seed,
                 save_every, filename_prefix, resume, negative=None, latent=None, batch_size=BATCH,
-                rolled_fraction=ho.GIST_FRACTION) -> io.NodeOutput:
+                rolled_fraction=ho.GIST_FRACTION, negative_prompts="", clip=None) -> io.NodeOutput:
         import folder_paths
 
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
@@ -285,10 +331,12 @@ class SupercondTrainHead(io.ComfyNode):
         if mode == "gist" and lora_rank > 0:  # the model's LoRA goes where LoraLoader finds it
             lora_stem = train_run.prefix_path(folder_paths.get_folder_paths("loras")[0], filename_prefix, "loras")
             train_run.check_writable(lora_stem.parent, "LoRA files")
+        more = encode_negatives(negative_prompts, clip, mode, head, model)
         path, losses, sd, lora = train(model, positive, negative, latent, cfg, head, lora_rank, stem, save_every,
-                                       resume, node_id, lora_stem)
+                                       resume, node_id, lora_stem, more)
         final = hook.new_head(model, head, NODE)
         core_heads.load_state(final, sd, where=Path(path).name)
+        final.spec = dataclasses.replace(final.spec, reads_negative=bool(more))
         trained = model
         if lora is not None:
             import comfy.sd
@@ -301,7 +349,8 @@ class SupercondTrainHead(io.ComfyNode):
         return io.NodeOutput(hook.attach_head(trained, final), str(path), plot, ui=ui.PreviewImage(plot, cls=cls))
 
 
-def _pool_or_latents(mp: Any, latent: dict | None, n_prompts: int, cfg: HeadTrainConfig, device: torch.device):
+def _pool_or_latents(mp: Any, latent: dict | None, n_prompts: int, cfg: HeadTrainConfig, device: torch.device,
+                     n_negatives: int = 1):
     """distill data: (trajectory pool, None) or (None, latents). An all-zero LATENT (EmptyLatentImage) sets
     the pool's size and chain count instead of being noised as if it were images."""
     import comfy.sample
@@ -321,7 +370,8 @@ def _pool_or_latents(mp: Any, latent: dict | None, n_prompts: int, cfg: HeadTrai
         n1 = noise.unsqueeze(0)
         return ms.noise_scaling(s0, n1, torch.zeros_like(n1), max_denoise=True)[0]
 
-    return TrajectoryPool(sigmas, n, shape, start, n_prompts, cfg.cfg_min, cfg.cfg_max, cfg.seed, device), None
+    return TrajectoryPool(sigmas, n, shape, start, n_prompts, cfg.cfg_min, cfg.cfg_max, cfg.seed, device,
+                          n_negatives), None
 
 
 _Saved = tuple[Path, dict[str, torch.Tensor], tuple[Path, dict[str, torch.Tensor]] | None]  # head, its tensors, LoRA
@@ -329,11 +379,12 @@ _Saved = tuple[Path, dict[str, torch.Tensor], tuple[Path, dict[str, torch.Tensor
 
 def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: HeadTrainConfig, head_type: str,
           lora_rank: int, stem: Path, save_every: int, resume: bool, node_id: str | None = None,
-          lora_stem: Path | None = None
+          lora_stem: Path | None = None, more_negatives: list[dict] | None = None
           ) -> tuple[Path, list[float], dict[str, torch.Tensor], tuple[Path, dict[str, torch.Tensor]] | None]:
     """The training run; returns (saved head file, losses, the saved head tensors, and in gist mode with
     lora_rank > 0 (saved kohya LoRA file of the model, its tensors), else None). ``lora_stem`` is where
-    that LoRA goes (required then)."""
+    that LoRA goes (required then). ``more_negatives``: rows of further negative prompts (distill): the
+    head then learns to read each sample's negative."""
     import comfy.model_management as mm
 
     model_lora = cfg.mode == "gist" and lora_rank > 0
@@ -356,6 +407,10 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
             raise InputError(f"negative holds {len(neg_rows)} prompts; the head learns one: connect a single "
                                  "CLIPTextEncode (an empty prompt)")
         neg_row = neg_rows[0]
+    negatives = [neg_row, *(more_negatives or [])] if neg_row is not None else []
+    reads = len(negatives) > 1
+    if reads:
+        check_reads_text(model, head_type)
     captions = None
     if cfg.mode == "gist":
         if latent is None:
@@ -372,11 +427,13 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
         mm.load_models_gpu([mp], force_full_load=True)
         device = mp.load_device
         ms = mp.get_model_object("model_sampling")
-        teacher = Teacher(mp, device, head_type, pos_rows, neg_row, trains_backbone=model_lora)
+        teacher = Teacher(mp, device, head_type, pos_rows, negatives, trains_backbone=model_lora,
+                          reads_negative=reads)
         net = hook.new_head(mp, head_type, NODE)  # before any LoRA hook exists: the copy must not carry one
         tm.materialize_weights(net)  # normal (not inference) tensors that autograd can use
         core_heads.load_state(net, core_heads.head_state(start))
         net = net.float().to(device)
+        net.spec = dataclasses.replace(net.spec, reads_negative=reads)
         lora = backbone = None
         if lora_rank > 0 and not model_lora:  # distill: the LoRA lives inside the head's copy only
             layers = {k: m for k, m in net.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
@@ -393,11 +450,12 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
                                    seeded_generator(cfg.seed, _MODEL_LORA_SEED), device)
         pool, latents = (None, None)
         if cfg.mode == "distill":
-            pool, latents = _pool_or_latents(mp, latent, len(pos_rows), cfg, device)
+            pool, latents = _pool_or_latents(mp, latent, len(pos_rows), cfg, device, max(len(negatives), 1))
         else:
             latents = fm.latent_in(mp, latent["samples"])
         trainer = HeadTrainer(cfg, params, head_denoiser(net, teacher, ms), ms.sigmas, teach=teacher.teach,
                               forward=teacher.forward, latents=latents, captions=captions, n_prompts=len(pos_rows),
+                              n_negatives=max(len(negatives), 1),
                               pool=pool, backbone=[] if backbone is None else list(backbone.parameters()),
                               device=device)
         if cfg.mode == "gist" and backbone is None:
@@ -408,9 +466,9 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
             log.info("supercond: gist mode with lora_rank %d: a LoRA on %d layers of the model learns the "
                      "conditional output with the head", lora_rank, len(backbone.layers))
         if resume:
-            _resume(mp, trainer, stem)
+            _resume(mp, trainer, stem, reads)
         spec = net.spec
-        training = {**cfg.as_dict(), "head": head_type, "lora_rank": lora_rank}
+        training = {**cfg.as_dict(), "head": head_type, "lora_rank": lora_rank, "negative_prompts": len(negatives)}
         meta = {**spec.to_metadata(), "supercond_training": json.dumps(training, sort_keys=True)}
         base_name = tm.base_model_name(mp)
 
@@ -446,14 +504,17 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
         return last[0], trainer.losses, last[1], last[2]
 
 
-def _resume(mp: Any, trainer: HeadTrainer, stem: Path) -> None:
+def _resume(mp: Any, trainer: HeadTrainer, stem: Path, reads_negative: bool) -> None:
     found = tm.last_checkpoint(stem)
     if found is None:
         log.info("supercond: no head checkpoint of %s to resume; starting at step 0", stem)
         return
     state = tm.read_state(tm.state_file(found[0]))
     try:
-        hook.head_from_file(mp, found[0], name=found[0].name, node=NODE)  # the file must fit this model
+        saved = hook.head_from_file(mp, found[0], name=found[0].name, node=NODE)  # the file must fit this model
+        if saved.spec.reads_negative != reads_negative:
+            raise InputError("it was trained %s negative_prompts: resume with the same negative_prompts" %
+                             ("with" if saved.spec.reads_negative else "without"))
         trainer.load_state_dict(state)
     except (InputError, core_heads.HeadFileError, ho.HeadTrainError) as e:
         raise InputError(f"cannot resume from {found[0]}: {e}. Use another filename_prefix or switch resume "
