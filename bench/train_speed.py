@@ -4,6 +4,7 @@ batch 1, fp32 on the CPU).
 
     python bench/train_speed.py [--model sd15|sdxl] [--rank 8] [--size 256] [--steps 6] [--rounds 3]
                                 [--threads 1] [--profile] [--no-memory]
+    python bench/train_speed.py --paired 16 [--model sd15|sdxl] [--rank 8]   (the trainer's step vs bare)
 
 Rows:
 - ComfyUI TrainLoraNode: the stock node (AdamW, MSE, no gradient checkpointing, fp32).
@@ -191,11 +192,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (ignored on CUDA)")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of our trainer")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-row memory subprocesses")
+    ap.add_argument("--paired", type=int, default=0, metavar="N",
+                    help="instead: N paired iterations of single steps on one loaded model (see paired_steps)")
     ap.add_argument("--memory-row", help=argparse.SUPPRESS)  # internal: measure one row's memory, print it
     args = ap.parse_args()
     if not torch.cuda.is_available():
         torch.set_num_threads(args.threads)
     bench = Bench(args)
+    if args.paired:
+        paired_steps(bench, args.paired)
+        return
     if args.memory_row:
         with torch.inference_mode():
             print("MEMORY " + json.dumps({"mib": peak_memory_mib(bench, args.memory_row, args.steps)}))  # noqa: T201
@@ -225,6 +231,77 @@ def _profile(bench: Bench, steps: int) -> None:
     with profile(activities=acts) as prof:
         bench.run("SupercondTrainLoRA", bench.fresh(), steps)
     log.info(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def paired_steps(bench: Bench, iterations: int) -> None:
+    """The trainer's step against the bare forward + backward, one step of each per iteration in a shuffled
+    order on ONE loaded model: drift between whole runs (this 2-core VM's speed moves by 10-20 % over
+    minutes) cancels in each iteration's ratio. The trainer's step is core.train.Trainer.train_step as the
+    node drives it (batch draw, loss, backward, clipping, AdamW), LoRA on each layer set."""
+    import comfy.model_management as mm
+
+    from supercond.core.lora import LoRANetwork
+    from supercond.core.seeds import seeded_generator
+    from supercond.core.train import TrainConfig, Trainer
+    from supercond.nodes import family as fm
+    from supercond.nodes.train import model as tm
+    from supercond.nodes.train.lora_run import conds_from, text_parts
+
+    r = bench.args.rank
+    with torch.inference_mode():
+        model = bench.fresh()
+    with torch.inference_mode(False), torch.enable_grad():
+        mp = model.clone()
+        mm.load_models_gpu([mp], force_full_load=True)
+        dev = mp.load_device
+        tm.materialize_weights(mp.model.diffusion_model)
+        call = fm.ModelCall(mp, dev)
+        rows, _ = conds_from(bench.cond)
+        x = fm.latent_in(mp, bench.latent).to(dev)
+        ctx = [{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in rows[0].items()}]
+        s = torch.tensor([1.0], device=dev)
+        sigmas = mp.get_model_object("model_sampling").sigmas
+        steps = {}
+        for layers in ("transformer", "all"):
+            net = LoRANetwork(fm.lora_layers(mp, "bench", layers), r, float(r), seeded_generator(0, 0x10BA), dev)
+            cfg = TrainConfig(steps=10**6, rank=r, alpha=float(r), max_grad_norm=1.0,
+                              prediction=tm.auto_prediction(mp, "auto", "bench"))
+            trainer = Trainer(cfg, list(net.parameters()), call, sigmas, x, rows, None, dev,
+                              text_parts=text_parts(fm.family_of(mp, "bench")))
+            steps[f"trainer step, {layers}"] = (net, trainer.train_step)
+
+        def bare() -> None:
+            call(x.clone().requires_grad_(True), s, ctx).pow(2).mean().backward()
+
+        def run(name: str) -> float:
+            t0 = clock()
+            if name == "bare forward+backward":
+                bare()
+            else:
+                net, step = steps[name]
+                with net.attached(), tm.trainable(mp):
+                    step()
+            return clock() - t0
+
+        names = ["bare forward+backward", *steps]
+        for name in names:  # warm-up
+            run(name)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        shuffle = random.Random(0).shuffle
+        for it in range(iterations):
+            shuffle(names)
+            for name in names:
+                times[name].append(run(name))
+            log.info("iteration %d %s", it, " ".join(f"{n}={times[n][-1]:.3f}" for n in sorted(times)))
+    log.info(header(f"paired single steps: {bench.args.model} fixture, {bench.args.size} px, batch 1, rank {r}, "
+                    f"fp32; {iterations} iterations"))
+    log.info(f"| {'step':26} | {'median s':>8} | {'x bare, median of per-iteration ratios (IQR)':>44} |")
+    log.info(f"|{'-' * 28}|{'-' * 10}|{'-' * 46}|")
+    for name in sorted(times):
+        ratios = [a / b for a, b in zip(times[name], times["bare forward+backward"], strict=True)]
+        q = statistics.quantiles(ratios, n=4)
+        log.info(f"| {name:26} | {statistics.median(times[name]):8.3f} | "
+                 f"{statistics.median(ratios):30.3f} ({q[0]:.3f}-{q[2]:.3f}) |")
 
 
 def _table(args: argparse.Namespace, rounds: list[dict[str, list[float]]], memory: dict[str, float]) -> None:

@@ -232,6 +232,31 @@ def singlepass_distill() -> tuple[dict, str]:
     return g.nodes, note
 
 
+def singlepass_negative() -> tuple[dict, str]:
+    g = Graph()
+    ck = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
+    pos = g.add("CLIPTextEncode", "Positive", text=PROMPT, clip=out(ck, 1))
+    empty = g.add("CLIPTextEncode", "Empty prompt", text="", clip=out(ck, 1))
+    neg = g.add("CLIPTextEncode", "Negative (read by the head)", text=NEGATIVE, clip=out(ck, 1))
+    tr = g.add("SupercondTrainHead", model=out(ck), positive=out(pos), negative=out(empty), mode="distill",
+               steps=300, learning_rate=1e-4, head="last_block", lora_rank=8, cfg_min=3.0, cfg_max=9.0, seed=0,
+               save_every=100, filename_prefix="supercond/negative_head", resume=False, batch_size=4,
+               rolled_fraction=0.1, clip=out(ck, 1),
+               negative_prompts="blurry, low quality\nwatermark, text\ncartoon, drawing\noversaturated, grainy")
+    g.add("PreviewImage", images=out(tr, 2))
+    sp = g.add("SupercondSinglePass", model=out(tr), real_cfg_steps=0, negative="head")
+    lat = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    _sample_and_save(g, out(sp), out(pos), out(neg), lat, out(ck, 2), "singlepass_negative", cfg=6.0)
+    note = ("**Negative prompts at one model call per step**: `Train Single-Pass Head` with `negative_prompts` "
+            "(one per line) distils a last_block head that reads the negative prompt: on the model's own CFG "
+            "trajectories, each with a negative drawn from those lines, the empty prompt and the wired one, the "
+            "head learns the model's prediction for that negative. `Single-Pass CFG` then hands the KSampler's "
+            "negative to the head: CFG with a real negative from one model call per step. Works where the "
+            "model's last block reads the prompt (SD1.x, Wan); the head file remembers that it reads negatives, "
+            "so `Load Single-Pass Head` keeps it. Negatives far from the trained ones are read less faithfully.")
+    return g.nodes, note
+
+
 def lora_train() -> tuple[dict, str]:
     g = Graph()
     ck = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
@@ -388,6 +413,7 @@ EXAMPLES: dict[str, Callable[[], tuple[dict, str]]] = {
     "singlepass_ksampler": singlepass_ksampler,
     "singlepass_guider": singlepass_guider,
     "singlepass_distill": singlepass_distill,
+    "singlepass_negative": singlepass_negative,
     "lora_train": lora_train,
     "lora_train_buckets": lora_train_buckets,
     "lora_load": lora_load,
