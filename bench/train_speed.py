@@ -18,9 +18,11 @@ Rows:
 A step's time is taken inside a run: every optimizer step (a global post-step hook) stamps the clock,
 so a step is the gap between two stamps (the first step of a run is dropped: allocator and thread
 pools warm up). The bare rows time each iteration. Runs of all rows alternate, in a seeded shuffled
-order per round; the ratios are taken within each round (drift between rounds cancels) and the
-median over rounds is reported with its range. On the CPU the clock is the process's CPU time (one thread by default: on a 2-core shared
-box, two threads made single steps vary 1.7-15 s); on CUDA, wall time after a synchronize.
+order per round; the ratios are taken within each round and the median over rounds is reported
+with its range. On the CPU the clock is the process's CPU time (one thread by default: on a 2-core
+shared box, two threads made single steps vary 1.7-15 s); on CUDA, wall time after a synchronize.
+The machine's speed still drifts within a round, so for the ratio to bare use ``--paired``, which
+alternates single steps on one loaded model; this table is for TrainLoraNode and memory.
 
 Peak memory is measured in a fresh subprocess per row (so no row inherits another's allocator
 state): on CUDA the allocator's peak above the loaded model, on the CPU the sampled peak of the C heap

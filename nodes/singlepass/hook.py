@@ -384,7 +384,8 @@ class SinglePassHook:
                 if run.negative_tokens is not None:
                     ctx = cap.net_kwargs.get("context")
                     tokens = run.negative_tokens.to(cap.x.device, ctx.dtype if ctx is not None else cap.x.dtype)
-                    cap.negative_context = fm.block_context(run.tail, net, tokens).expand(cap.x.shape[0], -1, -1)
+                    context, n = fm.block_context(run.tail, net, tokens), cap.x.shape[0]
+                    cap.negative_context = context if context.shape[0] == n else context[:1].expand(n, -1, -1)
                 raw = run_head(run.head, run.tail, net, cap)
                 run.remember(uuids, raw, cap.x)
             else:  # a cache (EasyCache) answered inside the model's forward: the head's output is cached alike
