@@ -81,19 +81,23 @@ class PeakRSS:
         self.interval = interval
         self.peak_mb = 0.0
 
-    def __enter__(self) -> PeakRSS:
-        import threading
-
+    def _reader(self):
+        """A function giving the current level in bytes."""
         import psutil
 
-        self._proc = psutil.Process()
-        self._base = self._proc.memory_info().rss
-        self._peak = self._base
+        proc = psutil.Process()
+        return lambda: proc.memory_info().rss
+
+    def __enter__(self):
+        import threading
+
+        self._read = self._reader()
+        self._base = self._peak = self._read()
         self._stop = threading.Event()
 
         def poll() -> None:
             while not self._stop.is_set():
-                self._peak = max(self._peak, self._proc.memory_info().rss)
+                self._peak = max(self._peak, self._read())
                 self._stop.wait(self.interval)
 
         self._thread = threading.Thread(target=poll, daemon=True)
@@ -103,7 +107,7 @@ class PeakRSS:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self._peak = max(self._peak, self._proc.memory_info().rss)
+        self._peak = max(self._peak, self._read())
         self.peak_mb = (self._peak - self._base) / 2**20
 
 
@@ -112,9 +116,8 @@ class PeakHeap(PeakRSS):
     above the starting level, in MiB, sampled from a thread. Unlike RSS it does not depend on what the
     allocator kept from earlier frees (after a model load, RSS growth mostly reuses freed pages)."""
 
-    def __enter__(self) -> PeakHeap:
+    def _reader(self):
         import ctypes
-        import threading
 
         class Info(ctypes.Structure):
             _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -127,21 +130,4 @@ class PeakHeap(PeakRSS):
             info = libc.mallinfo2()
             return info.uordblks + info.hblkhd
 
-        self._in_use = in_use
-        self._base = self._peak = in_use()
-        self._stop = threading.Event()
-
-        def poll() -> None:
-            while not self._stop.is_set():
-                self._peak = max(self._peak, in_use())
-                self._stop.wait(self.interval)
-
-        self._thread = threading.Thread(target=poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, self._in_use())
-        self.peak_mb = (self._peak - self._base) / 2**20
+        return in_use

@@ -127,24 +127,30 @@ class Bench:
                               seed=0, training_dtype="fp32", lora_dtype="fp32", algorithm="LoRA",
                               gradient_checkpointing=False, existing_lora="[None]")
 
-    def bare(self, model: Any, steps: int, with_lora: bool) -> None:
+    def trainable(self, model: Any) -> tuple:
+        """(clone, device, model call, cond rows, the first row on the device, latent, sigma 1): a loaded
+        clone whose weights autograd can use, and one call's inputs (call under inference_mode(False))."""
         import comfy.model_management as mm
 
-        from supercond.core.lora import LoRANetwork
         from supercond.nodes import family as fm
         from supercond.nodes.train import model as tm
         from supercond.nodes.train.lora_run import conds_from
 
+        mp = model.clone()
+        mm.load_models_gpu([mp], force_full_load=True)
+        dev = mp.load_device
+        tm.materialize_weights(mp.model.diffusion_model)
+        rows, _ = conds_from(self.cond)
+        ctx = [{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in rows[0].items()}]
+        return (mp, dev, fm.ModelCall(mp, dev), rows, ctx, fm.latent_in(mp, self.latent).to(dev),
+                torch.tensor([1.0], device=dev))
+
+    def bare(self, model: Any, steps: int, with_lora: bool) -> None:
+        from supercond.core.lora import LoRANetwork
+        from supercond.nodes import family as fm
+
         with torch.inference_mode(False), torch.enable_grad():
-            mp = model.clone()
-            mm.load_models_gpu([mp], force_full_load=True)
-            dev = mp.load_device
-            tm.materialize_weights(mp.model.diffusion_model)
-            call = fm.ModelCall(mp, dev)
-            rows, _ = conds_from(self.cond)
-            ctx = [{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in rows[0].items()}]
-            x = fm.latent_in(mp, self.latent).to(dev)
-            s = torch.tensor([1.0], device=dev)
+            mp, dev, call, rows, ctx, x, s = self.trainable(model)
             r = self.args.rank
             net = LoRANetwork(fm.lora_layers(mp, "bench", "transformer"), r, float(r), torch.Generator().manual_seed(0), dev)
             with net.attached() if with_lora else nullcontext():
@@ -240,28 +246,18 @@ def paired_steps(bench: Bench, iterations: int) -> None:
     order on ONE loaded model: drift between whole runs (this 2-core VM's speed moves by 10-20 % over
     minutes) cancels in each iteration's ratio. The trainer's step is core.train.Trainer.train_step as the
     node drives it (batch draw, loss, backward, clipping, AdamW), LoRA on each layer set."""
-    import comfy.model_management as mm
-
     from supercond.core.lora import LoRANetwork
     from supercond.core.seeds import seeded_generator
     from supercond.core.train import TrainConfig, Trainer
     from supercond.nodes import family as fm
     from supercond.nodes.train import model as tm
-    from supercond.nodes.train.lora_run import conds_from, text_parts
+    from supercond.nodes.train.lora_run import text_parts
 
     r = bench.args.rank
     with torch.inference_mode():
         model = bench.fresh()
     with torch.inference_mode(False), torch.enable_grad():
-        mp = model.clone()
-        mm.load_models_gpu([mp], force_full_load=True)
-        dev = mp.load_device
-        tm.materialize_weights(mp.model.diffusion_model)
-        call = fm.ModelCall(mp, dev)
-        rows, _ = conds_from(bench.cond)
-        x = fm.latent_in(mp, bench.latent).to(dev)
-        ctx = [{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in rows[0].items()}]
-        s = torch.tensor([1.0], device=dev)
+        mp, dev, call, rows, ctx, x, s = bench.trainable(model)
         sigmas = mp.get_model_object("model_sampling").sigmas
         steps = {}
         for layers in ("transformer", "all"):

@@ -160,8 +160,9 @@ def to_diffusers(kohya_sd: Mapping[str, torch.Tensor], layout: DiffusersLayout, 
     out: dict[str, torch.Tensor] = {}
     for prefix, layer in layers.items():
         component, targets = layout.component, layout.targets.get(prefix)
-        if text_encoder_module(prefix) is not None:
-            component, path = text_encoder_module(prefix)
+        text_encoder = text_encoder_module(prefix)
+        if text_encoder is not None:
+            component, path = text_encoder
             targets = (DiffusersTarget(path),)
         if not targets:
             raise LoRAError(f"{prefix} has no diffusers name: this layer cannot be written for diffusers")

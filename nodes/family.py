@@ -16,7 +16,6 @@ Adding a family is adding one ``Family`` entry (and its fixture and tests).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -222,13 +221,6 @@ def block_context(tail: Tail, net: nn.Module, tokens: torch.Tensor) -> torch.Ten
         weight = next(net.text_embedding.parameters())
         return net.text_embedding(tokens.to(weight.device, weight.dtype))
     raise ValueError(f"the {tail.layout} layout's last block reads no context")
-
-
-def stack_tokens(rows: list[torch.Tensor]) -> torch.Tensor:
-    """Token tensors [1, T_i, D] as one batch, repeated to a common length as ComfyUI batches prompts
-    of different lengths (CLIP: multiples of 77)."""
-    lcm = math.lcm(*(int(r.shape[1]) for r in rows))
-    return torch.cat([r.repeat(1, lcm // r.shape[1], 1) for r in rows])
 
 
 # -- LoRA layers and their kohya names ---------------------------------------------------------------

@@ -209,18 +209,25 @@ def singlepass_guider() -> tuple[dict, str]:
     return g.nodes, note
 
 
+def _distill_then_sample(g: Graph, ck: str, pos: str, empty: str, neg: str, head_prefix: str, prefix: str,
+                         **extra) -> None:
+    """Distil a last_block + LoRA head on the empty prompt ``empty`` (``extra``: further trainer inputs), then
+    sample it single-pass through the stock KSampler with ``neg`` as the negative."""
+    tr = g.add("SupercondTrainHead", model=out(ck), positive=out(pos), negative=out(empty), mode="distill", steps=300,
+               learning_rate=1e-4, head="last_block", lora_rank=8, cfg_min=3.0, cfg_max=9.0, seed=0, save_every=100,
+               filename_prefix=head_prefix, resume=False, **extra)
+    g.add("PreviewImage", images=out(tr, 2))
+    sp = g.add("SupercondSinglePass", model=out(tr), real_cfg_steps=0, negative="head")
+    lat = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    _sample_and_save(g, out(sp), out(pos), out(neg), lat, out(ck, 2), prefix, cfg=6.0)
+
+
 def singlepass_distill() -> tuple[dict, str]:
     g = Graph()
     ck = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
     pos = g.add("CLIPTextEncode", "Positive", text=PROMPT, clip=out(ck, 1))
     neg = g.add("CLIPTextEncode", "Empty negative (what the head learns)", text="", clip=out(ck, 1))
-    tr = g.add("SupercondTrainHead", model=out(ck), positive=out(pos), negative=out(neg), mode="distill", steps=300,
-               learning_rate=1e-4, head="last_block", lora_rank=8, cfg_min=3.0, cfg_max=9.0, seed=0, save_every=100,
-               filename_prefix="supercond/distilled_head", resume=False)
-    g.add("PreviewImage", images=out(tr, 2))
-    sp = g.add("SupercondSinglePass", model=out(tr), real_cfg_steps=0, negative="head")
-    lat = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
-    _sample_and_save(g, out(sp), out(pos), out(neg), lat, out(ck, 2), "singlepass_distill", cfg=6.0)
+    _distill_then_sample(g, ck, pos, neg, neg, "supercond/distilled_head", "singlepass_distill")
     note = ("**Make any checkpoint single-pass**: `Train Single-Pass Head` distils a second head from the frozen "
             "checkpoint: on the model's own CFG trajectories (no images needed) the head learns to predict, from "
             "the features of the prompt's forward pass, what the model predicts for the empty prompt. The model "
@@ -238,15 +245,9 @@ def singlepass_negative() -> tuple[dict, str]:
     pos = g.add("CLIPTextEncode", "Positive", text=PROMPT, clip=out(ck, 1))
     empty = g.add("CLIPTextEncode", "Empty prompt", text="", clip=out(ck, 1))
     neg = g.add("CLIPTextEncode", "Negative (read by the head)", text=NEGATIVE, clip=out(ck, 1))
-    tr = g.add("SupercondTrainHead", model=out(ck), positive=out(pos), negative=out(empty), mode="distill",
-               steps=300, learning_rate=1e-4, head="last_block", lora_rank=8, cfg_min=3.0, cfg_max=9.0, seed=0,
-               save_every=100, filename_prefix="supercond/negative_head", resume=False, batch_size=4,
-               rolled_fraction=0.1, clip=out(ck, 1),
-               negative_prompts="blurry, low quality\nwatermark, text\ncartoon, drawing\noversaturated, grainy")
-    g.add("PreviewImage", images=out(tr, 2))
-    sp = g.add("SupercondSinglePass", model=out(tr), real_cfg_steps=0, negative="head")
-    lat = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
-    _sample_and_save(g, out(sp), out(pos), out(neg), lat, out(ck, 2), "singlepass_negative", cfg=6.0)
+    _distill_then_sample(g, ck, pos, empty, neg, "supercond/negative_head", "singlepass_negative", batch_size=4,
+                         rolled_fraction=0.1, clip=out(ck, 1),
+                         negative_prompts="blurry, low quality\nwatermark, text\ncartoon, drawing\noversaturated, grainy")
     note = ("**Negative prompts at one model call per step**: `Train Single-Pass Head` with `negative_prompts` "
             "(one per line) distils a last_block head that reads the negative prompt: on the model's own CFG "
             "trajectories, each with a negative drawn from those lines, the empty prompt and the wired one, the "

@@ -243,7 +243,7 @@ class RunState:
     def remember(self, uuids: list, raw: torch.Tensor, net_input: torch.Tensor) -> None:
         """Keep the head's output as a difference to the model's input, per cond, as EasyCache keeps the
         model's: a step the cache skips reuses it."""
-        diff = raw.float() - net_input[:, :raw.shape[1]].float()
+        diff = raw.float() - net_input[:, :self.latent_channels].float()
         for uid, chunk in zip(uuids, diff.chunk(len(uuids)), strict=True):
             self.head_diffs[uid] = chunk
 
@@ -256,15 +256,10 @@ class RunState:
         x = net_input[:, :self.latent_channels].float()
         return torch.cat([xc + self.head_diffs[uid] for uid, xc in zip(uuids, x.chunk(len(uuids)), strict=True)])
 
-    def warn_once(self, what: str, message: str) -> None:
+    def warn_once(self, what: str, message: str, level: int = logging.WARNING) -> None:
         if what not in self.warned:
             self.warned.add(what)
-            log.warning(message)
-
-    def note_once(self, what: str, message: str) -> None:
-        if what not in self.warned:
-            self.warned.add(what)
-            log.info(message)
+            log.log(level, message)
 
 
 class SinglePassHook:
@@ -330,8 +325,9 @@ class SinglePassHook:
         negative is not evaluated)."""
         if run.head is None or not run.head.spec.reads_negative:
             if entries:
-                run.note_once("empty-only", "single-pass: this head predicts the empty prompt's output; the wired "
-                              "negative prompt is not evaluated (a head trained with negative_prompts reads it)")
+                run.warn_once("empty-only", "single-pass: this head predicts the empty prompt's output; the wired "
+                              "negative prompt is not evaluated (a head trained with negative_prompts reads it)",
+                              logging.INFO)
             return None
         if len(entries) > 1:
             run.warn_once("negatives", "single-pass: several negative entries (areas, masks or combined prompts): "

@@ -27,6 +27,7 @@ from ...core.files import save_atomic, torch_save_atomic
 from ...core.head_train import HeadTrainConfig, HeadTrainer, TrajectoryPool, merged_state
 from ...core.lora import LoRANetwork, kohya_metadata
 from ...core.seeds import seeded_generator
+from ...core.train import batch_cond
 from .. import family as fm
 from ..errors import InputError
 from ..inputs import MAX_SEED, float_input, int_input
@@ -126,7 +127,7 @@ class Teacher:
                                 [self.positive[int(i)] for i in prompt] + negs, b)
         if self.reads_negative:
             for keep, cap in feats:
-                tokens = fm.stack_tokens([negs[i]["cross_attn"] for i in keep]).to(x.device)
+                tokens = batch_cond([{"cross_attn": negs[i]["cross_attn"]} for i in keep])["cross_attn"].to(x.device)
                 with torch.no_grad():
                     cap.negative_context = fm.block_context(self.tail, self.net, tokens).float()
         return x0[:b], x0[b:], feats
@@ -408,9 +409,7 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
                                  "CLIPTextEncode (an empty prompt)")
         neg_row = neg_rows[0]
     negatives = [neg_row, *(more_negatives or [])] if neg_row is not None else []
-    reads = len(negatives) > 1
-    if reads:
-        check_reads_text(model, head_type)
+    reads = len(negatives) > 1  # encode_negatives checked that this head can read them
     captions = None
     if cfg.mode == "gist":
         if latent is None:
