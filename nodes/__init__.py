@@ -8,6 +8,7 @@ import logging
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .perturb import nodes as perturb
+from .schedules import fit as schedule_fit
 from .schedules import nodes as schedules
 from .singlepass import nodes as singlepass
 from .train import dataset, head, lora
@@ -17,7 +18,7 @@ log = logging.getLogger("supercond")
 
 class SupercondExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*perturb.NODES, *schedules.NODES, *singlepass.NODES, *dataset.NODES, *lora.NODES, *head.NODES]
+        return [*perturb.NODES, *schedules.NODES, *schedule_fit.NODES, *singlepass.NODES, *dataset.NODES, *lora.NODES, *head.NODES]
 
 
 async def comfy_entrypoint() -> SupercondExtension:

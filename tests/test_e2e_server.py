@@ -67,7 +67,8 @@ def test_every_example_workflow_runs(server, client, object_info, path, artifact
     for i, (node, png) in enumerate(images):
         (artifacts / f"e2e_{path.stem}_{node}_{i}.png").write_bytes(png)
     # trained files land in the server's own folders (first in folder_paths), never in ComfyUI's or the fixtures'
-    for trainer, folder in (("SupercondTrainLoRA", server.loras_dir), ("SupercondTrainHead", server.heads_dir)):
+    for trainer, folder in (("SupercondTrainLoRA", server.loras_dir), ("SupercondTrainHead", server.heads_dir),
+                            ("SupercondFitSchedule", server.schedules_dir)):
         if any(v["class_type"] == trainer for v in prompt.values()):
             assert list(folder.rglob("*.safetensors")), f"{trainer} saved nothing in {folder}"
     plots = [n for n, _ in images if prompt[n]["class_type"] == "SupercondPlotPerturbation"]

@@ -159,6 +159,30 @@ def schedule_sigmas_offset_noise() -> tuple[dict, str]:
     return g.nodes, note
 
 
+def schedule_fit() -> tuple[dict, str]:
+    g = Graph()
+    ck, pos, neg, lat = _base(g, batch=2)
+    fit = g.add("SupercondFitSchedule", model=out(ck), positive=out(pos), negative=out(neg), steps=8,
+                teacher_steps=100, cfg=7.0, sampler_name="euler", method="optimal_stepsize", samples=4, seed=0,
+                filename_prefix="supercond/schedule", latent_image=out(lat))
+    simple = g.add("BasicScheduler", "simple, same steps", model=out(ck), scheduler="simple", steps=8, denoise=1.0)
+    guider = g.add("CFGGuider", model=out(ck), positive=out(pos), negative=out(neg), cfg=7.0)
+    sampler = g.add("KSamplerSelect", sampler_name="euler")
+    noise = g.add("RandomNoise", noise_seed=42)
+    for sigmas, prefix in ((fit, "schedule_fitted"), (simple, "schedule_simple")):
+        sca = g.add("SamplerCustomAdvanced", noise=out(noise), guider=out(guider), sampler=out(sampler),
+                    sigmas=out(sigmas), latent_image=out(lat))
+        dec = g.add("VAEDecode", samples=out(sca), vae=out(ck, 2))
+        g.add("SaveImage", images=out(dec), filename_prefix=f"supercond/{prefix}")
+    note = ("**Fit a schedule to your model** (Optimal Stepsize). Fit Schedule runs the model as a teacher over "
+            "teacher_steps fine steps and picks the 8 steps whose result lands closest to it, for this model, "
+            "prompt, cfg and sampler. It saves the schedule under models/supercond_schedules (load it next time "
+            "with Load Fitted Schedule, at any step count) and shows it against simple, karras and ComfyUI's "
+            "preset. The two SamplerCustomAdvanced nodes sample the same noise on the fitted schedule and on "
+            "`simple` at the same 8 steps. The fit costs about samples x teacher_steps x (steps + 1) model calls.")
+    return g.nodes, note
+
+
 def epsilon_scaling_sd3() -> tuple[dict, str]:
     g = Graph()
     ck, pos, neg, lat = _base(g, ckpt=SD3, width=1024, batch=1, latent="EmptySD3LatentImage")
@@ -411,6 +435,7 @@ EXAMPLES: dict[str, Callable[[], tuple[dict, str]]] = {
     "noise_correction": noise_correction,
     "schedule_sigmas_offset_noise": schedule_sigmas_offset_noise,
     "epsilon_scaling_sd3": epsilon_scaling_sd3,
+    "schedule_fit": schedule_fit,
     "singlepass_ksampler": singlepass_ksampler,
     "singlepass_guider": singlepass_guider,
     "singlepass_distill": singlepass_distill,

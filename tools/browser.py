@@ -72,7 +72,7 @@ def set_widgets(page: Any, node_type: str, values: dict[str, Any]) -> int:
 
 def shrink_graph(page: Any, size: int = 64, max_steps: int = 4) -> None:
     """The editor-side twin of ``tools.workflows.shrink``: set the same widgets a user would
-    turn down (latent size, any ``steps``, a dataset ``resolution``, the trainer's sample prompts'
+    turn down (latent size, any ``steps``, the schedule fit's ``teacher_steps``, a dataset ``resolution``, the trainer's sample prompts'
     steps and size) so examples run quickly on the tiny fixtures."""
     page.evaluate(
         """([size, maxSteps]) => {
@@ -85,6 +85,7 @@ def shrink_graph(page: Any, size: int = 64, max_steps: int = 4) -> None:
                     if (node.type.startsWith("Empty") && (w.name === "width" || w.name === "height")) w.value = size;
                     if (w.name === "resolution") w.value = Math.min(w.value, size);
                     if (w.name === "steps") w.value = Math.min(w.value, maxSteps);
+                    if (w.name === "teacher_steps") w.value = Math.min(w.value, 4 * maxSteps);
                     if (node.type.startsWith("Empty") && w.name === "length") w.value = Math.min(w.value, 5);
                 }
             }

@@ -86,6 +86,11 @@ class ComfyServer:
         """The first supercond_heads folder: where SupercondTrainHead writes during tests."""
         return self.workdir / "supercond_heads"
 
+    @property
+    def schedules_dir(self) -> Path:
+        """The first supercond_schedules folder: where SupercondFitSchedule writes during tests."""
+        return self.workdir / "supercond_schedules"
+
     def _write_paths_config(self) -> Path:
         lines = ["supercond_pack:", f"    custom_nodes: {PACK_DIR.parent}"]
         if self.standins:
@@ -96,13 +101,15 @@ class ComfyServer:
         # is_default puts this folder first in folder_paths' list, ahead of ComfyUI's models/loras, so
         # files written by the server (folder_paths.get_folder_paths("loras")[0]) stay in the workdir.
         lines += ["supercond_workdir:", f"    base_path: {self.workdir}", "    is_default: true",
-                  f"    loras: {self.loras_dir.name}", f"    supercond_heads: {self.heads_dir.name}"]
+                  f"    loras: {self.loras_dir.name}", f"    supercond_heads: {self.heads_dir.name}",
+                  f"    supercond_schedules: {self.schedules_dir.name}"]
         cfg = self.workdir / "extra_model_paths.yaml"
         cfg.write_text("\n".join(lines) + "\n")
         return cfg
 
     def start(self, timeout: float = 180.0) -> ComfyServer:
-        for sub in ("input", "output", "temp", "user", self.loras_dir.name, self.heads_dir.name):
+        for sub in ("input", "output", "temp", "user", self.loras_dir.name, self.heads_dir.name,
+                    self.schedules_dir.name):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         if self.models_dir is not None:
             for name in MODEL_FOLDERS:

@@ -102,6 +102,8 @@ def shrink(prompt: dict, size: int = 64, max_steps: int = 4) -> dict:
             inputs["resolution"] = min(inputs["resolution"], size)
         if "steps" in inputs and isinstance(inputs["steps"], int):
             inputs["steps"] = min(inputs["steps"], max_steps)
+        if isinstance(inputs.get("teacher_steps"), int):  # the schedule fit's reference
+            inputs["teacher_steps"] = min(inputs["teacher_steps"], 4 * max_steps)
         if isinstance(inputs.get("sample_prompts"), str):  # the trainer's previews: later options win
             inputs["sample_prompts"] = "\n".join(
                 f"{line} --s {max_steps} --w {size} --h {size}" if line.strip() and not line.strip().startswith("#")
