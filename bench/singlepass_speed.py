@@ -26,7 +26,9 @@ defaults), against two-pass CFG under the same cache: seconds per whole run of `
 steps (differencing does not apply: a cache's skips depend on the step count), speed-up over plain
 two-pass CFG, and the steps the cache skipped. The projection head is fresh (these fixtures have no
 trained head), which does not change the cost; whether a cache skips depends on the outputs, so the
-skip counts of a real model differ.
+skip counts of a real model differ. The CFG + EasyCache row times what runs, but ComfyUI 0.3.64's
+EasyCache mixes the cond's and uncond's cached differences when they share a call (batch 1 here; a
+larger batch stops with a size error): a speed figure, not a usable image.
 """
 
 from __future__ import annotations

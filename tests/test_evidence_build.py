@@ -121,10 +121,27 @@ def test_the_peers_skip_the_calls_they_should(ev):
     gi = ev.draw((1,), 2, seed=0, steps=4, cfg=5.0, model=peers.guidance_interval(ev.model, 1.0, 8.0))
     assert gi.calls == 4 + inside
     assert ev.draw((1,), 2, seed=0, steps=4, cfg=5.0, model=peers.guidance_interval(ev.model, 0.0, 1e9)).calls == 8
+    # the caches are outside the counter: the steps they skip are not counted (at their highest threshold
+    # they skip after their start); at threshold 0 they skip none. EasyCache at cfg 1 (one prompt per
+    # call: 0.3.64's EasyCache mixes batched cond and uncond, peers.py)
+    for cache, cfg, full in (("LazyCache", 5.0, 16), ("EasyCache", 1.0, 8)):
+        skipping = ev.draw((1,), 2, seed=0, steps=8, cfg=cfg, model=peers.cached(ev.model, cache, 3.0))
+        assert 1 <= skipping.calls < full, cache
+        assert ev.draw((1,), 2, seed=0, steps=8, cfg=cfg, model=peers.cached(ev.model, cache, 0.0)).calls == full
+
+
+def test_a_wired_negative_replaces_the_empty_prompt(ev):
+    import nodes
+
+    three = nodes.CLIPTextEncode().encode(ev.clip, "a handwritten three")[0]
+    plain = ev.draw((1,), 2, seed=0, steps=2, cfg=5.0)
+    assert torch.equal(plain.pixels, ev.draw((1,), 2, seed=0, steps=2, cfg=5.0, negative=ev.negative).pixels)
+    assert not torch.equal(plain.pixels, ev.draw((1,), 2, seed=0, steps=2, cfg=5.0, negative=three).pixels)
 
 
 MINI = dict(per_digit=2, rounds=5, steps=2, few_steps=2, scales=(3.0,), schedule_steps=(2,), trainer_samples=4, lora_steps=2,
-            lora_every=1, head_steps=2, gist_steps=2, gist_images=2)
+            lora_every=1, head_steps=2, gist_steps=2, gist_images=2, negative_scales=(5.0,),
+            fit_steps=(2,), fit_teacher_steps=6, fit_samples=2)
 
 
 def test_every_table_prints_its_rows_and_writes_its_plot(ev, judge, caplog, monkeypatch, tmp_path):
@@ -138,15 +155,23 @@ def test_every_table_prints_its_rows_and_writes_its_plot(ev, judge, caplog, monk
         report.run(ev, judge, settings, out=tmp_path / "report.md")
     text = caplog.text
     for title in ("0. Has the model learned", "1. Single-pass heads", "1b. The same at 2 steps", "2. Diversity", "3. Schedules at",
-                  "4. LoRA trainer", "4b. CEP in the memorization regime"):
+                  "4. LoRA trainer", "4b. CEP in the memorization regime", "5. Negative prompts at one call",
+                  "6. Fitted schedules at 2 steps"):
         assert title in text
     assert "single-pass last_block head, 2 steps, cfg 3 | 2.0 |" in text  # one call a step, counted
     assert "two-pass CFG, 2 steps, cfg 3 | 4.0 |" in text
+    assert "two-pass CFG + LazyCache, 2 steps, cfg 3 |" in text
+    assert "single-pass last_block head + EasyCache, 2 steps, cfg 3 |" in text
+    assert "single-pass negative-reading head, negative 'a handwritten three', cfg 5 | 2.0 |" in text
+    assert "- 'a handwritten three' (held out), cfg 5: the head is" in text
     assert "- cfg 3: projection:" in text and "CFG at 1 steps" in text
     for png in ("evidence_guidance.png", "evidence_guidance_grid.png", "evidence_diversity.png",
-                "evidence_schedules.png", "evidence_trainer.png", "evidence_trainer_few.png"):
+                "evidence_schedules.png", "evidence_trainer.png", "evidence_trainer_few.png",
+                "evidence_negatives_grid.png", "evidence_fitted_schedules.png"):
         assert (tmp_path / png).stat().st_size > 1000, png
     assert "training the last_block head" in text and "training the gist" in text
+    assert "training the negative-reading head" in text and "fitting a 2-step euler schedule" in text
+    assert "euler, fitted (optimal stepsize), 2 steps |" in text and "dpmpp_2m, AYS (SD1 preset), 2 steps |" in text
     from evidence import compare
 
     same = compare.compare(tmp_path / "report.md", tmp_path / "report.md")[0]

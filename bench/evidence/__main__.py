@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--models", type=Path)
     r.add_argument("--quick", action="store_true", help="fewer samples, rounds, scales and step counts")
     r.add_argument("--seed", type=int, default=0, help="sampling seed: another seed draws new images")
-    r.add_argument("--tables", default="0,1,2,3,4", help="which tables, comma-separated (default: all)")
+    r.add_argument("--tables", default="0,1,2,3,4,5,6", help="which tables, comma-separated (default: all)")
     c = sub.add_parser("compare", help="does report B reproduce report A? (their .md files in bench/results/)")
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)

@@ -21,12 +21,13 @@ SUBFOLDER = "supercond_evidence"
 
 
 def register_folders(models: Path) -> None:
-    """Trained files go to ``models/loras`` and ``models/supercond_heads`` of the models folder the
+    """Trained files go to ``models/loras``, ``models/supercond_heads`` and ``models/supercond_schedules`` of the models folder the
     checkpoint lives in (first in ComfyUI's lists, so the trainers write there)."""
     import folder_paths
 
     folder_paths.add_model_folder_path("loras", str(models / "loras"), is_default=True)
     folder_paths.add_model_folder_path("supercond_heads", str(models / "supercond_heads"), is_default=True)
+    folder_paths.add_model_folder_path("supercond_schedules", str(models / "supercond_schedules"), is_default=True)
 
 
 def build_stamp(checkpoint: Path) -> str:
@@ -83,6 +84,38 @@ def distilled_head(ev: Evidence, recipe: HeadRecipe) -> Any:
     out = SupercondTrainHead.execute(ev.model, positive, "distill", recipe.steps, recipe.learning_rate, recipe.head,
                                      recipe.lora_rank, recipe.cfg_min, recipe.cfg_max, recipe.seed, 0, stem, False,
                                      negative=ev.negative, latent=latent)
+    return out.result[0]
+
+
+@dataclass(frozen=True)
+class NegativeHeadRecipe(HeadRecipe):
+    """A last_block head that reads the negative prompt: the teacher draws each trajectory's negative from
+    the captions of ``pool`` (digits), the empty prompt and the wired (empty) negative."""
+
+    head: str = "last_block"
+    pool: tuple[int, ...] = ()
+
+
+def negative_head(ev: Evidence, recipe: NegativeHeadRecipe) -> Any:
+    """The evidence MODEL with a negative-reading head attached (trained once, then loaded)."""
+    import nodes
+
+    from supercond.nodes.singlepass.nodes import SupercondLoadHead
+    from supercond.nodes.train.head import SupercondTrainHead
+
+    stem = prefix(ev, "head_negatives", recipe)
+    name = f"{stem}_{recipe.steps:06d}.safetensors"
+    if _exists("supercond_heads", name):
+        return SupercondLoadHead.execute(ev.model, name).result[0]
+    log.info("training the negative-reading head on the negatives %s (%d steps; cached afterwards)", recipe.pool,
+             recipe.steps)
+    positive = [entry for d in data.SEEN for entry in ev.positive[d]]
+    latent = nodes.EmptyLatentImage().generate(data.PX, data.PX, recipe.chains)[0]
+    lines = "\n".join(data.caption(d) for d in recipe.pool)
+    r = recipe
+    out = SupercondTrainHead.execute(ev.model, positive, "distill", r.steps, r.learning_rate, r.head, r.lora_rank,
+                                     r.cfg_min, r.cfg_max, r.seed, 0, stem, False, negative=ev.negative, latent=latent,
+                                     negative_prompts=lines, clip=ev.clip)
     return out.result[0]
 
 

@@ -3,7 +3,7 @@
 At each guidance scale, with the same prompts and seeds: two-pass CFG at N steps (2N calls) and at
 N/2 steps (N calls, what single-pass costs), a projection and a last_block head distilled with
 SupercondTrainHead and sampled with SupercondSinglePass (N calls), adaptive guidance and a guidance
-interval (peers.py; their calls are counted). The questions: does single-pass at N steps stay inside
+interval (peers.py; their calls are counted), and ComfyUI's caches under CFG and under the head. The questions: does single-pass at N steps stay inside
 two-pass CFG's interval at N steps, and how does it compare with CFG at the same calls (N/2 steps)
 and with the peers, which spend more? Calls count diffusion-model runs; a last_block head also runs
 one copied output block per call, which the ms/image column (sampler time) shows."""
@@ -40,6 +40,10 @@ def methods(ev: Evidence, single: dict[str, object], steps: int, peers_too: bool
             "steps": steps, "guider": peers.adaptive_guider(), "batch_per_digit": True}
         out[f"guidance interval ({lo:g}, {hi:g}], {steps} steps"] = {"steps": steps,
                                                                     "model": peers.guidance_interval(ev.model)}
+        out[f"two-pass CFG + LazyCache, {steps} steps"] = {"steps": steps, "model": peers.cached(ev.model, "LazyCache")}
+        for cache in ("LazyCache", "EasyCache"):
+            out[f"single-pass last_block head + {cache}, {steps} steps"] = {
+                "steps": steps, "model": peers.cached(single["last_block"], cache)}
     return out
 
 

@@ -12,6 +12,12 @@ written here from their papers (no pack code copied):
 - Guidance interval (Kynkaanniemi et al. 2024): CFG only while sigma is inside (lo, hi], cfg 1
   elsewhere, where ComfyUI then skips the unconditional call. A PREDICT_NOISE wrapper that sets the
   guider's cfg per call, as ComfyUI's newer CFGOverride node does.
+- ComfyUI's own caches, at their defaults: LazyCache reuses the whole guided prediction on steps where
+  the input changed little, EasyCache the diffusion model's output per prompt. Both stack with a
+  single-pass head. Under two-pass CFG only LazyCache is measured: ComfyUI 0.3.64's EasyCache adds each
+  prompt's cached difference to the whole batch when cond and uncond share a model call (later
+  ComfyUI slices it per prompt), which at batch 1 mixes the two and at a larger batch stops with a
+  size error.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 AG_THRESHOLD = 0.99  # the ComfyUI node's default
 INTERVAL = (0.28, 5.42)  # the guidance-interval paper's sigma range for SD-XL (an eps model like this one)
 INTERVAL_KEY = "supercond.evidence.guidance_interval"
+CACHE_DEFAULTS = (0.2, 0.15, 0.95)  # the cache nodes' defaults: reuse_threshold, start_percent, end_percent
 
 
 def adaptive_guider(threshold: float = AG_THRESHOLD):
@@ -87,3 +94,12 @@ def guidance_interval(model: Any, lo: float = INTERVAL[0], hi: float = INTERVAL[
     m = model.clone()
     m.add_wrapper_with_key(pe.WrappersMP.PREDICT_NOISE, INTERVAL_KEY, _Interval(lo, hi))
     return m
+
+
+def cached(model: Any, cache: str, reuse_threshold: float = CACHE_DEFAULTS[0]) -> Any:
+    """A clone of ``model`` under ComfyUI's EasyCache or LazyCache node. Their wrappers are added before
+    the call counter's (sampling.counted), so they are the outer ones: a step they skip is not counted."""
+    from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
+
+    node = {"EasyCache": EasyCacheNode, "LazyCache": LazyCacheNode}[cache]
+    return node.execute(model, reuse_threshold, *CACHE_DEFAULTS[1:], False).result[0]

@@ -36,6 +36,10 @@ class Settings:
     schedule_steps: tuple[int, ...] = (2, 4, 8, 20)  # table 3
     schedule_cfg: float = 5.0
     trainer_samples: int = 48  # images of the held-out digit per LoRA row (table 4)
+    negative_scales: tuple[float, ...] = (5.0, 8.0)  # table 5
+    fit_steps: tuple[int, ...] = (3, 4, 6, 8, 10)  # table 6
+    fit_teacher_steps: int = 100  # table 6's fits (and its teacher images)
+    fit_samples: int = 8
     # What the tables train (once, then cached; the same for quick and full reports):
     lora_steps: int = 200  # table 4's LoRA runs
     lora_every: int = 50  # a checkpoint every this many steps: the curve's points
@@ -109,21 +113,24 @@ def base_table(ev: Evidence, judge: metrics.Judge, s: Settings) -> list[Row]:
 
 def train(ev: Evidence, s: Settings) -> None:
     """What the tables compare that has to be trained first, with the pack's trainer nodes: the
-    distilled heads, the gist and its caption-dropout counterpart, the LoRAs on the unseen digit.
+    distilled heads (one reading negatives), the gist and its caption-dropout counterpart, the LoRAs on
+    the unseen digit, the fitted schedules.
     Each is cached by its recipe and the checkpoint's build stamp; already trained ones only load."""
-    from . import diversity, guidance, trainer
+    from . import artifacts, diversity, fitted, guidance, negatives, trainer
 
     start = time.perf_counter()
     guidance.heads(ev, s)
+    artifacts.negative_head(ev, negatives.recipe(s))
+    fitted.fit_all(ev, s)
     diversity.fine_tuned(ev, s)
     trainer.loras(ev, s)
     log.info("trained (or found) everything the tables need in %.1f min", (time.perf_counter() - start) / 60)
 
 
-def run(ev: Evidence, judge: metrics.Judge, s: Settings, which: AbstractSet[int] = frozenset(range(5)),
+def run(ev: Evidence, judge: metrics.Judge, s: Settings, which: AbstractSet[int] = frozenset(range(7)),
         out: Path | None = None) -> None:
     """The tables ``which``, in order, each printed (and appended to ``out``) as soon as it is done."""
-    from . import diversity, guidance, schedules, trainer
+    from . import diversity, fitted, guidance, negatives, schedules, trainer
 
     tables: list[tuple[str, Callable[[], list[str]]]] = [
         ("0", lambda: lines(f"0. Has the model learned? (stock KSampler, euler {s.steps} steps, "
@@ -132,6 +139,8 @@ def run(ev: Evidence, judge: metrics.Judge, s: Settings, which: AbstractSet[int]
         ("2", lambda: diversity.table(ev, judge, s)),
         ("3", lambda: schedules.table(ev, judge, s)),
         ("4", lambda: trainer.table(ev, judge, s)),
+        ("5", lambda: negatives.table(ev, judge, s)),
+        ("6", lambda: fitted.table(ev, judge, s)),
     ]
     for name, make in tables:
         if int(name) not in which:

@@ -123,37 +123,38 @@ class Evidence:
 
     def draw(self, digits: tuple[int, ...], per_digit: int, seed: int, *, model: Any = None, steps: int = 20,
              cfg: float = 5.0, sampler: str = "euler", scheduler: str = "normal", sigmas: torch.Tensor | None = None,
-             guider: GuiderFactory | None = None, batch_per_digit: bool = False) -> Drawn:
+             guider: GuiderFactory | None = None, batch_per_digit: bool = False, negative: list | None = None) -> Drawn:
         """``per_digit`` images of each digit, one batch from one seed. ``batch_per_digit``: one sampler run
         per prompt (what a guider that decides for the whole batch needs, e.g. adaptive guidance), each
-        on its rows of the whole batch's noise."""
+        on its rows of the whole batch's noise. ``negative``: a CONDITIONING instead of the empty prompt."""
         if batch_per_digit:
             size = len(digits) * per_digit
             parts = [self._draw((d,), per_digit, seed, model, steps, cfg, sampler, scheduler, sigmas, guider,
-                                BatchRows(seed, size, i * per_digit, (i + 1) * per_digit))
+                                BatchRows(seed, size, i * per_digit, (i + 1) * per_digit), negative)
                      for i, d in enumerate(digits)]
             out = parts[0]
             for part in parts[1:]:
                 out = out + part
             return out
-        plain = (model is None or model is self.model) and sigmas is None and guider is None
+        plain = (model is None or model is self.model) and sigmas is None and guider is None and negative is None
         key = (digits, per_digit, seed, steps, cfg, sampler, scheduler)
         if plain and key in self.memo:
             return self.memo[key]
-        drawn = self._draw(digits, per_digit, seed, model, steps, cfg, sampler, scheduler, sigmas, guider, None)
+        drawn = self._draw(digits, per_digit, seed, model, steps, cfg, sampler, scheduler, sigmas, guider, None,
+                           negative)
         if plain:
             self.memo[key] = drawn
         return drawn
 
     def _draw(self, digits: tuple[int, ...], per_digit: int, seed: int, model: Any, steps: int, cfg: float,
               sampler: str, scheduler: str, sigmas: torch.Tensor | None, guider: GuiderFactory | None,
-              noise: BatchRows | None) -> Drawn:
+              noise: BatchRows | None, negative: list | None = None) -> Drawn:
         labels = torch.tensor(digits).repeat_interleave(per_digit)
         m, counter = counted(model if model is not None else self.model)
         latent = {"samples": torch.zeros(len(labels), 4, data.PX // 8, data.PX // 8)}
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=AUTOCAST):
-            out = self._sample(m, self.prompts(labels), self.negative, latent, seed, steps, cfg, sampler, scheduler,
+            out = self._sample(m, self.prompts(labels), negative if negative is not None else self.negative, latent, seed, steps, cfg, sampler, scheduler,
                                sigmas, guider, noise)
         seconds = (time.perf_counter() - start) / len(labels)
         return Drawn(self.decode(out), labels, counter.rows / len(labels), seconds)
