@@ -266,3 +266,26 @@ def test_cancel_stops_the_fit_and_saves_nothing(schedules_dir, fixture_checkpoin
     finally:
         mm.interrupt_current_processing(False)
     assert not list(schedules_dir.rglob("*.safetensors"))
+
+
+@pytest.mark.comfy
+def test_a_zero_terminal_snr_v_model_gets_its_own_sigmas(schedules_dir, fixture_checkpoints):
+    """v-prediction with zero terminal SNR (ModelSamplingDiscrete zsnr): the teacher's grid starts at its
+    sigma_max of about 4518, so the fitted schedule does too."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+    from comfy_helpers import Family, load_family
+
+    from supercond.nodes.schedules.fit import SupercondLoadSchedule
+
+    eps = load_family("eps", fixture_checkpoints)
+    (zsnr,) = ModelSamplingDiscrete().patch(eps.model, "v_prediction", True)
+    fam = Family("v_zsnr", zsnr, eps.clip, eps.vae, 4)
+    sigmas, _ = fit_node(fam, prefix="z")
+    assert float(sigmas[0]) == pytest.approx(4518.76, rel=1e-3) and float(sigmas[-1]) == 0
+    assert bool((sigmas[:-1] > sigmas[1:]).all()) and bool(torch.isfinite(sigmas).all())
+    assert torch.equal(SupercondLoadSchedule.execute(zsnr, "z_00001.safetensors", 0).result[0], sigmas)
+    (plain_v,) = ModelSamplingDiscrete().patch(eps.model, "v_prediction", False)  # same family and prediction
+    from supercond.nodes.errors import InputError
+
+    with pytest.raises(InputError, match=r"fitted for sigma_max 4519, shift 1; this model samples with sigma_max 14"):
+        SupercondLoadSchedule.execute(plain_v, "z_00001.safetensors", 0)

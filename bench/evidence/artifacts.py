@@ -21,8 +21,8 @@ SUBFOLDER = "supercond_evidence"
 
 
 def register_folders(models: Path) -> None:
-    """Trained files go to ``models/loras``, ``models/supercond_heads`` and ``models/supercond_schedules`` of the models folder the
-    checkpoint lives in (first in ComfyUI's lists, so the trainers write there)."""
+    """Trained files go to ``models/loras``, ``models/supercond_heads`` and ``models/supercond_schedules``
+    of the models folder the checkpoint lives in (first in ComfyUI's lists, so the trainers write there)."""
     import folder_paths
 
     folder_paths.add_model_folder_path("loras", str(models / "loras"), is_default=True)
@@ -67,26 +67,6 @@ class HeadRecipe:
     seed: int = 0
 
 
-def distilled_head(ev: Evidence, recipe: HeadRecipe) -> Any:
-    """The evidence MODEL with a distilled head attached (trained once, then loaded)."""
-    import nodes
-
-    from supercond.nodes.singlepass.nodes import SupercondLoadHead
-    from supercond.nodes.train.head import SupercondTrainHead
-
-    stem = prefix(ev, f"head_{recipe.head}", recipe)
-    name = f"{stem}_{recipe.steps:06d}.safetensors"
-    if _exists("supercond_heads", name):
-        return SupercondLoadHead.execute(ev.model, name).result[0]
-    log.info("training the %s head (%d steps; cached afterwards)", recipe.head, recipe.steps)
-    positive = [entry for d in data.SEEN for entry in ev.positive[d]]  # Conditioning (Combine) of the prompts
-    latent = nodes.EmptyLatentImage().generate(data.PX, data.PX, recipe.chains)[0]
-    out = SupercondTrainHead.execute(ev.model, positive, "distill", recipe.steps, recipe.learning_rate, recipe.head,
-                                     recipe.lora_rank, recipe.cfg_min, recipe.cfg_max, recipe.seed, 0, stem, False,
-                                     negative=ev.negative, latent=latent)
-    return out.result[0]
-
-
 @dataclass(frozen=True)
 class NegativeHeadRecipe(HeadRecipe):
     """A last_block head that reads the negative prompt: the teacher draws each trajectory's negative from
@@ -96,26 +76,28 @@ class NegativeHeadRecipe(HeadRecipe):
     pool: tuple[int, ...] = ()
 
 
-def negative_head(ev: Evidence, recipe: NegativeHeadRecipe) -> Any:
-    """The evidence MODEL with a negative-reading head attached (trained once, then loaded)."""
+def distilled_head(ev: Evidence, recipe: HeadRecipe) -> Any:
+    """The evidence MODEL with a distilled head attached (trained once, then loaded); a
+    ``NegativeHeadRecipe`` gives one that reads the negative prompt."""
     import nodes
 
     from supercond.nodes.singlepass.nodes import SupercondLoadHead
     from supercond.nodes.train.head import SupercondTrainHead
 
-    stem = prefix(ev, "head_negatives", recipe)
+    reads = isinstance(recipe, NegativeHeadRecipe)
+    stem = prefix(ev, "head_negatives" if reads else f"head_{recipe.head}", recipe)
     name = f"{stem}_{recipe.steps:06d}.safetensors"
     if _exists("supercond_heads", name):
         return SupercondLoadHead.execute(ev.model, name).result[0]
-    log.info("training the negative-reading head on the negatives %s (%d steps; cached afterwards)", recipe.pool,
-             recipe.steps)
-    positive = [entry for d in data.SEEN for entry in ev.positive[d]]
+    what = f"negative-reading head on the negatives {recipe.pool}" if reads else f"{recipe.head} head"
+    log.info("training the %s (%d steps; cached afterwards)", what, recipe.steps)
+    positive = [entry for d in data.SEEN for entry in ev.positive[d]]  # Conditioning (Combine) of the prompts
     latent = nodes.EmptyLatentImage().generate(data.PX, data.PX, recipe.chains)[0]
-    lines = "\n".join(data.caption(d) for d in recipe.pool)
+    more = {"negative_prompts": "\n".join(data.caption(d) for d in recipe.pool), "clip": ev.clip} if reads else {}
     r = recipe
     out = SupercondTrainHead.execute(ev.model, positive, "distill", r.steps, r.learning_rate, r.head, r.lora_rank,
                                      r.cfg_min, r.cfg_max, r.seed, 0, stem, False, negative=ev.negative, latent=latent,
-                                     negative_prompts=lines, clip=ev.clip)
+                                     **more)
     return out.result[0]
 
 

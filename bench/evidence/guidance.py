@@ -3,8 +3,8 @@
 At each guidance scale, with the same prompts and seeds: two-pass CFG at N steps (2N calls) and at
 N/2 steps (N calls, what single-pass costs), a projection and a last_block head distilled with
 SupercondTrainHead and sampled with SupercondSinglePass (N calls), adaptive guidance and a guidance
-interval (peers.py; their calls are counted), and ComfyUI's caches under CFG and under the head. The questions: does single-pass at N steps stay inside
-two-pass CFG's interval at N steps, and how does it compare with CFG at the same calls (N/2 steps)
+interval (peers.py; their calls are counted), and ComfyUI's caches under CFG and under the head. The
+questions: does single-pass at N steps stay inside two-pass CFG's interval at N steps, and how does it compare with CFG at the same calls (N/2 steps)
 and with the peers, which spend more? Calls count diffusion-model runs; a last_block head also runs
 one copied output block per call, which the ms/image column (sampler time) shows."""
 

@@ -41,7 +41,7 @@ def table(ev: Evidence, judge: metrics.Judge, s: report.Settings) -> list[str]:
     def single(model: object) -> object:
         return SupercondSinglePass.execute(model, 0, "head").result[0]
 
-    reads = single(artifacts.negative_head(ev, recipe(s)))
+    reads = single(artifacts.distilled_head(ev, recipe(s)))
     empty_only = guidance.heads(ev, s)["last_block"]
     rows, verdicts, shown = [], [], {}
     for neg_digit in NEGATIVES:
@@ -70,10 +70,8 @@ def table(ev: Evidence, judge: metrics.Judge, s: report.Settings) -> list[str]:
                          "distance to CFG, same negative": per_image(distance(drawn, same), drawn.labels, s),
                          "distance to CFG, empty negative": per_image(distance(drawn, cfg_empty), drawn.labels, s)}
                 at[name] = report.measure(judge, drawn, s, f"{name}, cfg {scale:g}", name, scale, **extra)
-                if neg_digit == HELD_OUT_NEGATIVE and scale == max(s.negative_scales):  # short labels fit the grid
-                    label = name.replace("two-pass ", "").replace("single-pass ", "").replace(word, data.WORDS[neg_digit])
-                    shown[label.replace("negative-reading", "reading").replace(" negative", "")] = \
-                        drawn.pixels[:: s.per_digit]
+                if neg_digit == HELD_OUT_NEGATIVE and scale == max(s.negative_scales):
+                    shown[short(name, word, data.WORDS[neg_digit])] = drawn.pixels[:: s.per_digit]
             rows += at.values()
             verdicts.append(verdict(at, word, where, scale))
     plots.grid(shown, f"negative '{data.caption(HELD_OUT_NEGATIVE)}', cfg {max(s.negative_scales):g}, same seeds: "
@@ -81,6 +79,14 @@ def table(ev: Evidence, judge: metrics.Judge, s: report.Settings) -> list[str]:
     extra_columns = ("log P(negative's digit)", "distance to CFG, same negative", "distance to CFG, empty negative")
     return [*report.lines(f"5. Negative prompts at one call per step ({s.steps} steps; prompts: the known digits "
                           "but the negative's)", rows, ("adherence", "FD"), extra_columns), "", *verdicts]
+
+
+def short(name: str, word: str, digit_word: str) -> str:
+    """A row's name short enough for the grid's labels: "reading head, 'three'"."""
+    for long, brief in (("two-pass ", ""), ("single-pass ", ""), ("negative-reading", "reading"), (word, digit_word),
+                        (" negative", "")):
+        name = name.replace(long, brief)
+    return name
 
 
 def recipe(s: report.Settings) -> artifacts.NegativeHeadRecipe:

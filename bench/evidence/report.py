@@ -120,7 +120,7 @@ def train(ev: Evidence, s: Settings) -> None:
 
     start = time.perf_counter()
     guidance.heads(ev, s)
-    artifacts.negative_head(ev, negatives.recipe(s))
+    artifacts.distilled_head(ev, negatives.recipe(s))
     fitted.fit_all(ev, s)
     diversity.fine_tuned(ev, s)
     trainer.loras(ev, s)

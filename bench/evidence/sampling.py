@@ -123,7 +123,8 @@ class Evidence:
 
     def draw(self, digits: tuple[int, ...], per_digit: int, seed: int, *, model: Any = None, steps: int = 20,
              cfg: float = 5.0, sampler: str = "euler", scheduler: str = "normal", sigmas: torch.Tensor | None = None,
-             guider: GuiderFactory | None = None, batch_per_digit: bool = False, negative: list | None = None) -> Drawn:
+             guider: GuiderFactory | None = None, batch_per_digit: bool = False, negative: list | None = None
+             ) -> Drawn:
         """``per_digit`` images of each digit, one batch from one seed. ``batch_per_digit``: one sampler run
         per prompt (what a guider that decides for the whole batch needs, e.g. adaptive guidance), each
         on its rows of the whole batch's noise. ``negative``: a CONDITIONING instead of the empty prompt."""
@@ -154,8 +155,9 @@ class Evidence:
         latent = {"samples": torch.zeros(len(labels), 4, data.PX // 8, data.PX // 8)}
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=AUTOCAST):
-            out = self._sample(m, self.prompts(labels), negative if negative is not None else self.negative, latent, seed, steps, cfg, sampler, scheduler,
-                               sigmas, guider, noise)
+            negative = negative if negative is not None else self.negative
+            out = self._sample(m, self.prompts(labels), negative, latent, seed, steps, cfg, sampler, scheduler, sigmas,
+                               guider, noise)
         seconds = (time.perf_counter() - start) / len(labels)
         return Drawn(self.decode(out), labels, counter.rows / len(labels), seconds)
 

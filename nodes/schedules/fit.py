@@ -207,6 +207,7 @@ class SupercondFitSchedule(io.ComfyNode):
         meta = {"format": FORMAT, "family": family, "prediction": prediction, "sampler": sampler_name,
                 "steps": steps, "teacher_steps": teacher_steps, "teacher_grid": TEACHER_GRID, "cfg": cfg,
                 "method": method, "samples": samples, "seed": seed, "sigma_min": float(ms.sigma_min),
+                "sigma_max": float(ms.sigma_max), "shift": float(getattr(ms, "shift", 1.0)),
                 "latent_shape": "x".join(map(str, latent_image["samples"].shape[1:])), "error": fit.error,
                 "model_calls": fit.calls, "searched": fit.searched}
         path = files.save_atomic(next_free(stem), {"sigmas": sigmas}, meta)
@@ -256,10 +257,11 @@ class SupercondLoadSchedule(io.ComfyNode):
             category=CATEGORY,
             description=("Loads a schedule saved by SupercondFitSchedule as SIGMAS. At another step count it is "
                          "log-linearly interpolated, as ComfyUI's AlignYourStepsScheduler interpolates its presets. "
-                         "A schedule fitted for another model family or prediction type is refused."),
+                         "A schedule fitted for another model family, prediction type, sigma_max or flow shift is "
+                         "refused."),
             inputs=[
-                io.Model.Input("model", tooltip="The model you sample with: checked against the schedule's family "
-                               "and prediction type."),
+                io.Model.Input("model", tooltip="The model you sample with: checked against the schedule's family, "
+                               "prediction type, sigma_max and shift."),
                 io.Combo.Input("schedule_name", options=schedule_names(),
                                tooltip=f"A schedule file in the {FOLDER} model folder."),
                 io.Int.Input("steps", default=0, min=0, max=1000,
@@ -276,6 +278,12 @@ class SupercondLoadSchedule(io.ComfyNode):
             raise InputError(f"{schedule_name} was fitted for {meta.get('family')} ({meta.get('prediction')} "
                              f"prediction); this model is {family} ({prediction}): fit a schedule for it with "
                              "SupercondFitSchedule")
+        fitted_for = (float(meta.get("sigma_max", ms.sigma_max)), float(meta.get("shift", getattr(ms, "shift", 1.0))))
+        here = (float(ms.sigma_max), float(getattr(ms, "shift", 1.0)))
+        if any(abs(a - b) > 1e-3 * max(abs(b), 1e-6) for a, b in zip(fitted_for, here, strict=True)):
+            raise InputError(f"{schedule_name} was fitted for sigma_max {fitted_for[0]:.4g}, shift {fitted_for[1]:g}; "
+                             f"this model samples with sigma_max {here[0]:.4g}, shift {here[1]:g} (zero terminal SNR "
+                             "or a ModelSampling node changes them): fit a schedule for this setting")
         if steps in (0, len(sigmas) - 1):
             return io.NodeOutput(sigmas)
         out = sf.loglinear(sigmas.double(), steps, float(meta.get("sigma_min", float(ms.sigma_min))))
