@@ -87,10 +87,11 @@ def train_gist(model: tg.Denoiser, data: tg.DataSource, steps: int, batch: int, 
     """
     schedule = schedule or tg.VPSchedule.scaled_linear()
     gen = tg.seeds.seeded_generator(seed, 0x7EA1)
+    draws = tg.seeds.seeded_generator(seed, 0x5A9)  # the swapped labels: off the shared stream
 
     def step_loss() -> torch.Tensor:
         xt, t, eps, y = tg.noised_batch(data, batch, schedule, gen)
-        labels, rolled = ho.swap_captions(y, y, fraction, gen)
+        labels, rolled = ho.swap_captions(y, y, fraction, gen, draws)
         pred_cond, pred_uncond = model(xt, t, model.embed(labels)).chunk(2, dim=-1)
         return ho.gist_loss(pred_cond, pred_uncond, eps, rolled)
 

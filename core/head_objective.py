@@ -36,20 +36,21 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 # -- gist ------------------------------------------------------------------------------------------
-def swap_captions(captions: torch.Tensor, pool: torch.Tensor, fraction: float,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def swap_captions(captions: torch.Tensor, pool: torch.Tensor, fraction: float, generator: torch.Generator,
+                  draw_generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(caption per sample, swapped mask): about ``fraction`` of the samples take a caption drawn from
     ``pool`` (the dataset's caption per item, so each caption by its frequency, the sample's own
     included) instead of their own. The draw ignores the image, so the swapped samples teach the head
     the prediction averaged over captions: the unconditional one. (Taking another sample's caption, as
     the gist's roll does, excludes the sample's own: on a small dataset that teaches "not this
-    caption".) The mask is drawn first, as a CFG dropout mask would be."""
+    caption".) The mask is drawn first, as a CFG dropout mask would be; the replacements come from
+    ``draw_generator`` when given, so ``generator`` then advances exactly as a dropout run's does."""
     if not 0.0 < fraction < 1.0:
         raise HeadTrainError(f"the rolled fraction must be in (0, 1), got {fraction}")
     if pool.numel() < 2 or bool((pool == pool[0]).all()):
         raise HeadTrainError("gist mode swaps captions: it needs a dataset with at least 2 different captions")
     swapped = torch.rand(len(captions), generator=generator) < fraction
-    drawn = pool[torch.randint(len(pool), (len(captions),), generator=generator)]
+    drawn = pool[torch.randint(len(pool), (len(captions),), generator=draw_generator or generator)]
     return torch.where(swapped, drawn, captions), swapped
 
 

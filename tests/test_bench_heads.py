@@ -68,11 +68,27 @@ def test_evaluations_per_step(gist_pair, method: str, scale: float, per_step: in
     assert counter.calls == steps and counter.rows == per_step * 20 * steps
 
 
-def test_gist_roll_mask_is_the_dropout_mask() -> None:
-    # the pairing the bench relies on: same seed, same draw order -> same selected samples
-    gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    _, rolled = hg.ho.swap_captions(torch.arange(256) % 4, torch.arange(256) % 4, 0.1, gen_a)
-    assert torch.equal(rolled, torch.rand(256, generator=gen_b) < 0.1)
+def test_gist_roll_mask_is_the_dropout_mask(gmm: tg.GMM, monkeypatch) -> None:
+    """The pairing the bench relies on, in the two training functions themselves: with the same seed the
+    gist's swapped samples are exactly the dropout run's dropped ones, step by step."""
+    dropped, swapped = [], []
+    conditioning, gist_loss = tg.conditioning, hg.ho.gist_loss
+
+    def record_drop(model, y, drop, *args):
+        dropped.append(drop.clone())
+        return conditioning(model, y, drop, *args)
+
+    def record_roll(pred_cond, pred_uncond, target, rolled):
+        swapped.append(rolled.clone())
+        return gist_loss(pred_cond, pred_uncond, target, rolled)
+
+    monkeypatch.setattr(tg, "conditioning", record_drop)
+    monkeypatch.setattr(hg.ho, "gist_loss", record_roll)
+    tg.train(tg.make_model(4, 0, width=16, depth=1), gmm, 3, 64, 1e-3, seed=5)
+    hg.train_gist(tg.make_model(4, 0, outputs=2, width=16, depth=1), gmm, 3, 64, 1e-3, seed=5)
+    assert len(dropped) == len(swapped) == 3
+    assert all(torch.equal(d, r) for d, r in zip(dropped, swapped, strict=True))
+    assert 0 < int(torch.stack(dropped).sum()) < 3 * 64  # some, not all: the masks can differ
 
 
 @pytest.fixture(scope="module")

@@ -74,10 +74,13 @@ def test_steps_below_one_are_refused(bad):
 # -- zero terminal SNR -------------------------------------------------------------------------
 
 
-def test_sd_terminal_values_match_lin_et_al_table_1():
+def test_sd_terminal_snr_is_lin_et_al_table_1_and_the_rescale_takes_it_to_zero():
+    """Lin et al.'s SD values through the implementation: snr() of the last sigma, and what
+    rescale_zero_terminal_snr leaves of it."""
     ab = sd_alphas_cumprod()
-    assert float(ab[-1].sqrt()) == pytest.approx(0.068265, abs=1e-6)
-    assert float(ab[-1] / (1 - ab[-1])) == pytest.approx(0.004682, abs=1e-6)
+    assert float(schedules.snr(sd_sigma_table().double()[-1:])[0]) == pytest.approx(0.004682, abs=1e-6)
+    rescaled = schedules.rescale_zero_terminal_snr(ab)
+    assert float(rescaled[-1].sqrt()) == 0 and float(ab[-1].sqrt()) == pytest.approx(0.068265, abs=1e-6)
 
 
 def test_zero_terminal_snr_ends_at_snr_zero_and_keeps_the_first_alpha():
@@ -147,12 +150,17 @@ def test_noise_correction_is_the_plain_step_for_flow_from_sigma_one():
 
 
 def test_noise_correction_gain_on_the_sd_schedule():
-    """Research table: 10-step trailing, the x0 coefficient of x1 (VP units) rises 0.0516 -> 0.1196."""
+    """The README's figure, from noise_correction_step itself: 10 trailing steps on SD's schedule from
+    pure noise, the weight of the x0 estimate in x1 (VP units) rises 0.0516 -> 0.1196."""
     table = sd_sigma_table().double()
     s0, s1 = float(table[999]), float(table[899])
+    d, n = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)  # x1 = weight * d
+    x = s0 * n  # ComfyUI's start from an empty latent
     a1 = 1 / math.sqrt(1 + s1**2)
-    assert a1 * (1 - s1 / s0) == pytest.approx(0.0516, abs=2e-4)
-    assert a1 == pytest.approx(0.1196, abs=2e-4)
+    plain = float(schedules.noise_correction_step("ve", x, d, n, s0, s1, 0.0)[0, 0]) * a1
+    corrected = float(schedules.noise_correction_step("ve", x, d, n, s0, s1, 1.0)[0, 0]) * a1
+    assert plain == pytest.approx(0.0516, abs=2e-4)
+    assert corrected == pytest.approx(0.1196, abs=2e-4)
 
 
 @pytest.mark.parametrize("geo", ["ve", "flow"])

@@ -263,3 +263,21 @@ def test_bad_input_gets_a_plain_message(comfy, fixture_checkpoints):
                  lambda: SupercondScheduleSigmas.execute(odd, 4, "trailing", False, "as_scheduled", 136.0)):
         with pytest.raises(ValueError, match="cannot serve it"):
             call()
+
+
+def test_epsilon_scaling_follows_the_sampling_settings_of_each_clone(comfy):
+    """One wrapper object serves every clone of the patched MODEL; a clone with another flow shift must get
+    the times of its own schedule, not those the first clone cached (issue 16's shared-state review)."""
+    import comfy.model_sampling as cms
+
+    from supercond.nodes.schedules.hook import EpsilonScaling
+
+    class Flow(cms.ModelSamplingDiscreteFlow, cms.CONST):
+        pass
+
+    shifted, plain = Flow(), Flow()
+    shifted.set_parameters(shift=3.0)
+    plain.set_parameters(shift=1.0)
+    shared = EpsilonScaling(k=0.01, b=1.0)
+    assert shared.lam(shifted, 0.5) != pytest.approx(EpsilonScaling(k=0.01, b=1.0).lam(plain, 0.5))
+    assert shared.lam(plain, 0.5) == pytest.approx(EpsilonScaling(k=0.01, b=1.0).lam(plain, 0.5), abs=1e-9)

@@ -473,3 +473,27 @@ def test_only_the_newest_optimizer_state_is_kept(fixture_checkpoints, loras):
     names = sorted(p.name for p in (loras / "k").iterdir())
     assert names == ["lora2_000001.state.pt", "lora_000001.safetensors", "lora_000002.safetensors",
                      "lora_000003.safetensors", "lora_000003.state.pt"]
+
+
+def test_gradient_checkpointing_keeps_another_packs_forward_override(comfy):
+    """The blocks are shared by every clone of the MODEL: a forward another pack set on one is wrapped while
+    training (still called, under checkpointing) and is the same object afterwards (issue 16's review)."""
+    from torch import nn
+
+    from supercond.nodes.train.model import checkpointing
+
+    net = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    calls = []
+    theirs = net[0].forward
+
+    def other_pack(x):
+        calls.append(1)
+        return theirs(x)
+
+    net[0].forward = other_pack
+    x = torch.randn(2, 3, requires_grad=True)
+    with checkpointing(net, True):
+        assert net[0].forward is not other_pack and "forward" in net[1].__dict__
+        net(x).sum().backward()
+    assert calls and net[0].forward is other_pack  # kept, and it ran inside the checkpoint
+    assert "forward" not in net[1].__dict__  # the block without an override gets its class forward back

@@ -128,18 +128,18 @@ def patch_noise_correction(model: Any, strength: float) -> Any:
 
 @dataclass
 class EpsilonScaling:
+    """The PREDICT_NOISE wrapper. One object serves every clone of the patched MODEL, and a clone may
+    sample with other sampling settings (a ModelSamplingSD3 shift, zsnr): so nothing is cached on it,
+    each call maps its sigma to time through the model_sampling it runs with (a 40-step bisection, far
+    below a model call)."""
+
     k: float
     b: float
-
-    def __post_init__(self) -> None:
-        self._times: dict[float, float] = {}
 
     def lam(self, ms: Any, sigma: float) -> float:
         if self.k == 0:
             return sched.epsilon_lambda(0.0, 0.0, self.b)
-        if sigma not in self._times:
-            self._times[sigma] = time_from_sigma(ms, sigma)
-        return sched.epsilon_lambda(self._times[sigma], self.k, self.b)
+        return sched.epsilon_lambda(time_from_sigma(ms, sigma), self.k, self.b)
 
     def exempt(self, ms: Any, kind: str, sigma: float) -> bool:
         """Where eps_hat -> x0 is singular (alpha = 0): flow at sigma 1, a ZTSNR model at sigma_max."""

@@ -86,8 +86,9 @@ def _highest_forward_children(module: nn.Module, out: list[nn.Module]) -> list[n
 @contextmanager
 def checkpointing(diffusion_model: nn.Module, enabled: bool):
     """Gradient checkpointing per top-level block (ResBlock / SpatialTransformer / DiT block):
-    an instance-level ``forward`` override, restored on exit."""
-    patched = []
+    an instance-level ``forward`` override, restored on exit. The blocks are shared by every clone of
+    the MODEL: an override someone else set on a block (another pack's) is wrapped, and put back."""
+    patched: list[tuple[nn.Module, Any]] = []  # (block, its own instance forward or None)
     try:
         if enabled:
             for m in _highest_forward_children(diffusion_model, []):
@@ -98,12 +99,15 @@ def checkpointing(diffusion_model: nn.Module, enabled: bool):
                 def fwd(*args, _orig=orig, **kwargs):
                     return torch.utils.checkpoint.checkpoint(_orig, *args, use_reentrant=False, **kwargs)
 
+                patched.append((m, m.__dict__.get("forward")))
                 m.forward = fwd
-                patched.append(m)
         yield
     finally:
-        for m in patched:
-            del m.forward  # drops the instance attribute: the class forward is back
+        for m, before in patched:
+            if before is None:
+                del m.forward  # drops the instance attribute: the class forward is back
+            else:
+                m.forward = before
 
 
 # -- files -----------------------------------------------------------------------------------------
