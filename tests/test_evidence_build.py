@@ -141,7 +141,7 @@ def test_a_wired_negative_replaces_the_empty_prompt(ev):
 
 MINI = dict(per_digit=2, rounds=5, steps=2, few_steps=2, scales=(3.0,), schedule_steps=(2,), trainer_samples=4, lora_steps=2,
             lora_every=1, head_steps=2, gist_steps=2, gist_images=2, negative_scales=(5.0,),
-            fit_steps=(2,), fit_teacher_steps=6, fit_samples=2)
+            fit_steps=(2,), fit_teacher_steps=6, fit_samples=2, negatives=(3,), fit_samplers=("dpmpp_2m",))
 
 
 def test_every_table_prints_its_rows_and_writes_its_plot(ev, judge, caplog, monkeypatch, tmp_path):
@@ -170,8 +170,8 @@ def test_every_table_prints_its_rows_and_writes_its_plot(ev, judge, caplog, monk
                 "evidence_negatives_grid.png", "evidence_fitted_schedules.png"):
         assert (tmp_path / png).stat().st_size > 1000, png
     assert "training the last_block head" in text and "training the gist" in text
-    assert "training the negative-reading head" in text and "fitting a 2-step euler schedule" in text
-    assert "euler, fitted (optimal stepsize), 2 steps |" in text and "dpmpp_2m, AYS (SD1 preset), 2 steps |" in text
+    assert "training the negative-reading head" in text and "fitting a 2-step dpmpp_2m schedule" in text
+    assert "dpmpp_2m, fitted (optimal stepsize), 2 steps |" in text and "dpmpp_2m, AYS (SD1 preset), 2 steps |" in text
     from evidence import compare
 
     same = compare.compare(tmp_path / "report.md", tmp_path / "report.md")[0]

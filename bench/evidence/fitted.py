@@ -19,7 +19,6 @@ import torch
 from . import artifacts, data, metrics, negatives, plots, report
 from .sampling import Drawn, Evidence
 
-SAMPLERS = ("euler", "dpmpp_2m")
 FIT_PROMPT = 8  # the fit's positive prompt ("a handwritten eight"); the table prompts all nine digits
 
 
@@ -63,7 +62,7 @@ def recipe(s: report.Settings, steps: int, sampler: str) -> FitRecipe:
 
 
 def fit_all(ev: Evidence, s: report.Settings) -> None:
-    for sampler in SAMPLERS:
+    for sampler in s.fit_samplers:
         for steps in s.fit_steps:
             fitted(ev, recipe(s, steps, sampler))
 
@@ -84,7 +83,7 @@ def alternatives(ev: Evidence, steps: int) -> dict[str, torch.Tensor]:
 def table(ev: Evidence, judge: metrics.Judge, s: report.Settings) -> list[str]:
     rows: list[report.Row] = []
     verdicts = []
-    for sampler in SAMPLERS:
+    for sampler in s.fit_samplers:
         def draw(sigmas: torch.Tensor, sampler: str = sampler) -> Drawn:
             return ev.draw(data.SEEN, s.per_digit, s.seed, cfg=s.schedule_cfg, sampler=sampler, sigmas=sigmas)
 

@@ -18,8 +18,7 @@ from . import artifacts, data, guidance, metrics, plots, report
 from .sampling import Drawn, Evidence
 
 POOL = (0, 1, 2, 4, 6, 7, 8, 9)  # the head's training negatives: every known digit but 3
-HELD_OUT_NEGATIVE = 3
-NEGATIVES = (HELD_OUT_NEGATIVE, data.HELD_OUT, 8)  # three, five (both held out), eight (in the pool)
+HELD_OUT_NEGATIVE = 3  # the grid shows this one (report.Settings.negatives: 3, 5 held out; 8 in the pool)
 
 
 def per_image(values: torch.Tensor, labels: torch.Tensor, s: report.Settings) -> metrics.Figure:
@@ -44,7 +43,7 @@ def table(ev: Evidence, judge: metrics.Judge, s: report.Settings) -> list[str]:
     reads = single(artifacts.distilled_head(ev, recipe(s)))
     empty_only = guidance.heads(ev, s)["last_block"]
     rows, verdicts, shown = [], [], {}
-    for neg_digit in NEGATIVES:
+    for neg_digit in s.negatives:
         word = data.caption(neg_digit)
         negative = nodes.CLIPTextEncode().encode(ev.clip, word)[0]
         digits = tuple(d for d in data.SEEN if d != neg_digit)

@@ -37,9 +37,11 @@ class Settings:
     schedule_cfg: float = 5.0
     trainer_samples: int = 48  # images of the held-out digit per LoRA row (table 4)
     negative_scales: tuple[float, ...] = (5.0, 8.0)  # table 5
+    negatives: tuple[int, ...] = (3, 5, 8)  # table 5: the digits whose captions are the negatives
     fit_steps: tuple[int, ...] = (3, 4, 6, 8, 10)  # table 6
     fit_teacher_steps: int = 100  # table 6's fits (and its teacher images)
     fit_samples: int = 8
+    fit_samplers: tuple[str, ...] = ("euler", "dpmpp_2m")  # table 6
     # What the tables train (once, then cached; the same for quick and full reports):
     lora_steps: int = 200  # table 4's LoRA runs
     lora_every: int = 50  # a checkpoint every this many steps: the curve's points
