@@ -101,26 +101,24 @@ def optimal_stepsize(denoise: Denoiser, x: torch.Tensor, grid: torch.Tensor, ste
 
     per_call = max(1, batch // len(x))  # states per denoiser call
 
+    def counted(rows: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        out = denoise(rows, sigma)
+        calls += len(rows)
+        if progress is not None:
+            progress(calls)
+        return out
+
     def run(nodes: list[tuple[int, Node]]) -> list[torch.Tensor]:
         """The denoised of many states, batched: ``nodes`` as (grid index, state)."""
-        nonlocal calls
         out = []
         for start in range(0, len(nodes), per_call):
             chunk = nodes[start:start + per_call]
-            rows = torch.cat([node.x for _, node in chunk])
             sigma = torch.tensor([g[i] for i, _ in chunk], dtype=x.dtype).repeat_interleave(len(x))
-            out += list(denoise(rows, sigma).split(len(x)))
-            calls += len(rows)
-            if progress is not None:
-                progress(calls)
+            out += list(counted(torch.cat([node.x for _, node in chunk]), sigma).split(len(x)))
         return out
 
-    teacher = [x]
-    node = Node(x)  # x is detached from any graph: the fit needs no gradients
-    for i in range(n):  # the teacher over the whole grid, counted like the search
-        den = run([(i, node)])[0]
-        node = Node(step(solver, node, den, g[i], g[i + 1]), den, g[i])
-        teacher.append(node.x)
+    teacher = solve(counted, x, grid, solver)  # over the whole grid, counted like the search
     reached: dict[int, Node] = {0: Node(x)}
     parents: list[dict[int, int]] = []
     for k in range(1, steps + 1):
@@ -147,11 +145,7 @@ def optimal_stepsize(denoise: Denoiser, x: torch.Tensor, grid: torch.Tensor, ste
     # Gaussian tests but not for every model and solver: never return worse than the evenly spaced subset
     # (ComfyUI's `simple` at ``steps`` when the grid is `simple` at a multiple of it), checked on the same starts.
     even = [round(i * n / steps) for i in range(steps + 1)]
-    node = Node(x)
-    for a, b in zip(even, even[1:], strict=False):
-        den = run([(a, node)])[0]
-        node = Node(step(solver, node, den, g[a], g[b]), den, g[a])
-    even_error = float((node.x - teacher[n]).double().square().mean())
+    even_error = float((solve(counted, x, grid[even], solver)[-1] - teacher[n]).double().square().mean())
     if even_error < error:
         indices, error = even, even_error
     return Fit(tuple(indices), torch.tensor([g[i] for i in indices], dtype=torch.float64), error, calls,

@@ -8,7 +8,6 @@ whose function is the search, so the model is loaded, patched and guided exactly
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from ...core import schedule_fit as sf
 from .. import family as fm
 from ..errors import InputError
 from ..events import progress_text
-from ..inputs import MAX_SEED
+from ..inputs import MAX_SEED, register_model_folder
 from ..plots import line_plot
 from ..train.run import check_writable, prefix_path
 
@@ -40,14 +39,7 @@ PRESETS = {"SD15": ("nodes_align_your_steps", "AlignYourStepsScheduler", "SD1"),
            "WAN21_T2V": ("nodes_optimalsteps", "OptimalStepsScheduler", "Wan")}
 
 
-def register_folder() -> None:
-    """``models/supercond_schedules``, plus whatever extra_model_paths.yaml adds under that name."""
-    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
-    paths, _ = folder_paths.folder_names_and_paths[FOLDER]
-    folder_paths.folder_names_and_paths[FOLDER] = (paths, {".safetensors"})
-
-
-register_folder()
+register_model_folder(FOLDER, {".safetensors"})
 
 
 def describe(model: Any) -> tuple[str, str, Any]:
@@ -64,15 +56,16 @@ def describe(model: Any) -> tuple[str, str, Any]:
     return family, fm.prediction(ms), ms
 
 
-def run_fit(model: Any, positive: Any, negative: Any, latent: dict, steps: int, teacher_steps: int, cfg: float,
-            solver: str, samples: int, seed: int, node_id: str | None = None) -> tuple[sf.Fit, torch.Tensor]:
-    """The search inside ComfyUI's sampling; returns (fit, the teacher's grid)."""
+def run_fit(model: Any, ms: Any, positive: Any, negative: Any, latent: dict, steps: int, teacher_steps: int,
+            cfg: float, solver: str, samples: int, seed: int, node_id: str | None = None
+            ) -> tuple[sf.Fit, torch.Tensor]:
+    """The search inside ComfyUI's sampling (``ms``: the model's model_sampling, from ``describe``);
+    returns (fit, the teacher's grid)."""
     import comfy.model_management as mm
     import comfy.sample
     import comfy.samplers
     import comfy.utils
 
-    _, _, ms = describe(model)
     grid = comfy.samplers.calculate_sigmas(ms, TEACHER_GRID, teacher_steps).cpu().double()
     if bool((grid[:-1] <= grid[1:]).any()):
         raise InputError(f"teacher_steps {teacher_steps} repeats sigmas of this model's table of {len(ms.sigmas)}: "
@@ -107,13 +100,12 @@ def run_fit(model: Any, positive: Any, negative: Any, latent: dict, steps: int, 
     return found["fit"], grid
 
 
-def compare_plot(fit: torch.Tensor, family: str, model: Any, steps: int) -> torch.Tensor:
+def compare_plot(fit: torch.Tensor, family: str, ms: Any, steps: int) -> torch.Tensor:
     """The fitted sigmas against simple, karras and the family's ComfyUI preset, per step (log scale)."""
     import importlib
 
     import comfy.samplers
 
-    ms = model.get_model_object("model_sampling")
     series = [("fitted", range(len(fit)), fit.tolist())]
     for name in ("simple", "karras"):
         series.append((name, range(steps + 1), comfy.samplers.calculate_sigmas(ms, name, steps).tolist()))
@@ -201,7 +193,7 @@ class SupercondFitSchedule(io.ComfyNode):
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
         progress_text(f"fitting a {steps}-step schedule: up to {samples * teacher_steps * (steps + 1)} model calls",
                       node_id)
-        fit, _ = run_fit(model, positive, negative, latent_image, steps, teacher_steps, cfg, sampler_name, samples,
+        fit, _ = run_fit(model, ms, positive, negative, latent_image, steps, teacher_steps, cfg, sampler_name, samples,
                          seed, node_id)
         sigmas = fit.sigmas.float()
         meta = {"format": FORMAT, "family": family, "prediction": prediction, "sampler": sampler_name,
@@ -217,7 +209,7 @@ class SupercondFitSchedule(io.ComfyNode):
         if not fit.searched:
             log.warning("supercond: the search found nothing closer to the teacher than the evenly spaced steps "
                         "(%s at %d steps), so the fitted schedule is that", TEACHER_GRID, steps)
-        plot = compare_plot(sigmas, family, model, steps)
+        plot = compare_plot(sigmas, family, ms, steps)
         return io.NodeOutput(sigmas, plot, ui=ui.PreviewImage(plot, cls=cls))
 
 

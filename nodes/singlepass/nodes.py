@@ -10,6 +10,7 @@ import folder_paths
 from comfy_api.v0_0_2 import io
 
 from ...core import heads as core_heads
+from ..inputs import register_model_folder
 from . import hook
 
 log = logging.getLogger("supercond.singlepass")
@@ -18,15 +19,8 @@ CATEGORY = "supercond/singlepass"
 FOLDER = "supercond_heads"
 
 
-def register_folder() -> None:
-    """``models/supercond_heads``, plus whatever extra_model_paths.yaml adds under that name."""
-    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
-    paths, exts = folder_paths.folder_names_and_paths[FOLDER]
-    # .pt & co. are listed on purpose: picking one gets "not a safetensors file", not silence.
-    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | set(folder_paths.supported_pt_extensions))
-
-
-register_folder()
+# .pt & co. are listed on purpose: picking one gets "not a safetensors file", not silence.
+register_model_folder(FOLDER, folder_paths.supported_pt_extensions)
 
 _HEAD_TIP = ("projection: a copy of the final projection (tiny, ~free). last_block: a copy of the last block "
              "and the projection (stronger, costs one block per step). Both start as 'no guidance' (= cfg 1).")
