@@ -497,3 +497,38 @@ def test_gradient_checkpointing_keeps_another_packs_forward_override(comfy):
         net(x).sum().backward()
     assert calls and net[0].forward is other_pack  # kept, and it ran inside the checkpoint
     assert "forward" not in net[1].__dict__  # the block without an override gets its class forward back
+
+
+def test_training_leaves_every_other_clone_as_it_was(fixture_checkpoints, loras, input_dir):
+    """The diffusion model and the text encoder are shared by every clone: after training (with the text
+    encoder too) their Parameter objects and requires_grad are the same, another pack's wrapper on a clone
+    still runs, and that clone samples bit-identically (issue 16: the trainer used to replace them)."""
+    import comfy.model_management as mm
+    import comfy.patcher_extension as pe
+    from comfy_helpers import encode, sample
+
+    from supercond.nodes.train.dataset import SupercondLoadDataset
+
+    fam = fam_of("eps", fixture_checkpoints)
+    lat, cond = SupercondLoadDataset.execute("supercond_example", fam.clip, fam.vae, 64, False, False, 0).result
+    lat, cond = {"samples": lat["samples"][:2]}, cond[:2]  # with captions, for the text encoder's LoRA
+    other = fam.model.clone()
+    calls = []
+
+    def their_wrapper(executor, *args, **kwargs):
+        calls.append(1)
+        return executor(*args, **kwargs)
+
+    other.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "another.pack", their_wrapper)
+    pos, neg = encode(fam, "a red cube"), encode(fam, "")
+    mm.load_models_gpu([other])
+    image = sample(fam, other, pos, neg)
+    shared = {"unet": fam.model.model.diffusion_model, "clip": fam.clip.cond_stage_model}
+    before = {(m, k): (p, p.requires_grad) for m, mod in shared.items() for k, p in mod.named_parameters()}
+    run(fam, lat, cond, steps=2, clip=fam.clip, text_encoder_lr=1e-3)
+    after = {(m, k): (p, p.requires_grad) for m, mod in shared.items() for k, p in mod.named_parameters()}
+    replaced = [k for k in before if after[k][0] is not before[k][0] or after[k][1] != before[k][1]]
+    assert not replaced, f"{len(replaced)} shared parameters replaced, e.g. {replaced[:3]}"
+    calls.clear()
+    assert torch.equal(sample(fam, other, pos, neg), image)
+    assert calls, "another pack's wrapper was dropped"

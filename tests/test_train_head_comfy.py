@@ -543,7 +543,9 @@ def test_gist_with_a_model_lora_trains_the_cond_output_on_non_rolled_samples_and
     seeds = {bool(rolled_at_step0(s)[1].any()): s for s in range(200)}
     fresh = {k: v.float() for k, v in head_state(hook.new_head(fam.model, "projection")).items()}
 
+    shared = list(fam.model.model.diffusion_model.parameters())  # every clone's: put back after training
     model, _, head, lora = gist_lora(fam, conds, latents, seeds[False], "gl/none")
+    assert all(a is b for a, b in zip(shared, fam.model.model.diffusion_model.parameters(), strict=True))
     assert same(head, fresh), "the head moved without a rolled sample"
     assert {k.split(".")[0] for k in lora} == set(fm.lora_layers(fam.model, "test"))  # SupercondTrainLoRA's layers
     assert max(float(v.abs().max()) for k, v in lora.items() if k.endswith("lora_up.weight")) > 0

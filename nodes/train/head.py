@@ -422,7 +422,7 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
             cfg.batch_size = n
     start = starting_head(model, head_type)
     mp = model.clone()
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), contextlib.ExitStack() as shared:
         mm.load_models_gpu([mp], force_full_load=True)
         device = mp.load_device
         ms = mp.get_model_object("model_sampling")
@@ -444,7 +444,7 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
             for p in params:
                 p.requires_grad_(True)
         if model_lora:  # gist: the cond output trains through a LoRA on SupercondTrainLoRA's layers
-            tm.materialize_weights(mp.model.diffusion_model)
+            shared.enter_context(tm.autograd_weights(mp.model.diffusion_model))
             backbone = LoRANetwork(fm.lora_layers(mp, NODE), lora_rank, float(lora_rank),
                                    seeded_generator(cfg.seed, _MODEL_LORA_SEED), device)
         pool, latents = (None, None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,16 +134,17 @@ def train(model, data: Data, cfg: TrainConfig, run: Run) -> tuple[Path, Trainer,
     import comfy.model_management as mm
 
     mp = model.clone()
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), ExitStack() as shared:
         mm.load_models_gpu([mp], force_full_load=True)
         device = mp.load_device
         dm = mp.model.diffusion_model
-        tm.materialize_weights(dm)
+        shared.enter_context(tm.autograd_weights(dm))  # every clone shares dm: put back on the way out
         fam = fm.family_of(mp, NODE)
         net = LoRANetwork(fm.lora_layers(mp, NODE, cfg.lora_layers), cfg.rank, cfg.alpha, seeded_generator(cfg.seed, 0x10BA), device)
         te_net, te_clip, encode_text = None, None, None
         if cfg.text_encoder_lr > 0:
             te_clip = text_encoder.prepare(run.clip)
+            shared.enter_context(tm.autograd_weights(te_clip.cond_stage_model))
             te_net = LoRANetwork(text_encoder.te_layers(te_clip, fam.name, NODE), cfg.rank, cfg.alpha,
                                  seeded_generator(cfg.seed, 0x7E), device)
             encode_text = text_encoder.encoder(te_clip)

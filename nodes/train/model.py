@@ -34,12 +34,41 @@ def auto_prediction(model: Any, choice: str, node: str) -> str:
 
 
 def materialize_weights(module: nn.Module) -> None:
-    """Weights loaded under ComfyUI's inference_mode are inference tensors, which autograd refuses
-    to save for backward: replace each by a normal frozen copy (same values, same device)."""
+    """For a module the trainer owns (a head's copy): weights loaded under ComfyUI's inference_mode are
+    inference tensors, which autograd refuses to save for backward; replace each by a normal frozen copy."""
     for mod in module.modules():
         for name, p in list(mod._parameters.items()):
             if p is not None and (p.is_inference() or p.requires_grad):
                 mod._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
+
+
+@contextmanager
+def autograd_weights(*roots: nn.Module):
+    """For modules every clone of a MODEL shares (the diffusion model, the text encoder): while inside,
+    each inference or trainable parameter is swapped for a frozen normal tensor on the same storage (no
+    copy, same values) that autograd can save; on exit the original Parameter objects are put back, so
+    other clones, another pack's references and requires_grad are as before."""
+    swapped: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
+    try:
+        for root in roots:
+            for mod in root.modules():
+                for name, p in list(mod._parameters.items()):
+                    if p is not None and (p.is_inference() or p.requires_grad):
+                        view = nn.Parameter(_same_storage(p), requires_grad=False)
+                        mod._parameters[name] = view
+                        swapped.append((mod, name, p, view))
+        yield
+    finally:
+        for mod, name, p, view in reversed(swapped):
+            if mod._parameters.get(name) is view:  # ComfyUI may have patched it meanwhile: then leave theirs
+                mod._parameters[name] = p
+
+
+def _same_storage(p: torch.Tensor) -> torch.Tensor:
+    """A normal (not inference) tensor viewing ``p``'s memory: ``detach()`` of an inference tensor is one too."""
+    with torch.inference_mode(False):
+        t = torch.empty(0, dtype=p.dtype, device=p.device)
+        return t.set_(p.untyped_storage(), p.storage_offset(), p.size(), p.stride())
 
 
 @contextmanager

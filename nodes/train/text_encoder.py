@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from . import model as tm
 
 FAMILIES = ("SD15", "SDXL")
 # kohya's targets in each CLIP encoder layer, by module path -> the suffix of its key.
@@ -40,12 +39,11 @@ def te_layers(clip: Any, family: str, node: str) -> dict[str, nn.Module]:
 
 
 def prepare(clip: Any) -> Any:
-    """A clone of the CLIP, loaded, with weights autograd can use (same values)."""
+    """A clone of the CLIP, loaded (its weights are shared: train under ``autograd_weights``)."""
     import comfy.model_management as mm
 
     te = clip.clone()
     mm.load_models_gpu([te.patcher], force_full_load=True)
-    tm.materialize_weights(te.cond_stage_model)
     return te
 
 
