@@ -188,3 +188,45 @@ def test_bad_inputs_get_clear_messages(fam, conds):
     if fam.name != "flow":  # SD1.x has no pooled input: the patch refuses apply_to=pooled when it is made
         with pytest.raises(InputError, match="SD1.x models take no pooled text embedding"):
             cep(fam.model, apply_to="pooled")
+
+
+@pytest.mark.parametrize("fam", ["eps"], indirect=True)
+def test_clones_sampled_at_once_in_two_threads_keep_their_own_run(fam, conds):
+    """Clones of one patched MODEL share its hook object: a run's seed and call count must live with
+    that run, not on the hook (issue 16), or two samplings at once (another pack's threads) mix them.
+    A wrapper holds both runs in lockstep at every model call, then each image must be its serial one."""
+    import threading
+
+    import comfy.model_management as mm
+    import comfy.patcher_extension as pe
+    from comfy_helpers import sample
+
+    pos, neg = conds
+    patched = cep(fam.model, gamma=1.0, distribution="gaussian")
+    mm.load_models_gpu([patched])
+    alone = {seed: sample(fam, patched.clone(), pos, neg, seed=seed) for seed in (5, 6)}
+    lockstep = threading.Barrier(2, timeout=60)
+
+    def in_step(executor, *args, **kwargs):
+        lockstep.wait()
+        return executor(*args, **kwargs)
+
+    got, errors = {}, []
+
+    def one(seed):
+        try:
+            clone = patched.clone()
+            clone.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, "another.pack", in_step)
+            got[seed] = sample(fam, clone, pos, neg, seed=seed)
+        except Exception as e:  # reported below, with the thread's error
+            lockstep.abort()
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(s,)) for s in alone]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for seed, image in alone.items():
+        assert torch.equal(got[seed], image), f"seed {seed}: another run's state leaked in"

@@ -2,7 +2,8 @@
 
 Two wrappers per patched MODEL, both keyed so they stack with other packs' wrappers:
 - OUTER_SAMPLE opens a run: it reads the sampler's seed and the schedule and keeps them in a
-  per-run state (a stack, so nested sampling works), and closes it when sampling ends.
+  per-run state in that run's own model options (clones share the hook object), and closes it
+  when sampling ends.
 - CALC_COND_BATCH swaps perturbed copies of the text conditioning into the positive and/or
   negative cond entries before ComfyUI batches them, so the branch of every cond is known from
   its list position (no ``cond_or_uncond`` guessing) and nothing persistent is mutated.
@@ -84,7 +85,10 @@ class PerturbHook:
     def __init__(self, config: Config, node: str) -> None:
         self.config = config
         self.node = node
-        self._runs: list[RunState] = []
+        # Clones share this object: a run's state lives in that run's options (a guider clones them per
+        # sampling), under a key of this hook's own, so stacked patches and nested or concurrent runs
+        # each keep theirs.
+        self._key = f"{WRAPPER_KEY}.run.{id(self):x}"
 
     # -- wrappers ------------------------------------------------------------------------
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, denoise_mask, callback,
@@ -99,16 +103,21 @@ class PerturbHook:
             model_sampling=guider.model_patcher.get_model_object("model_sampling"),
             segments=fm.text_segments(fam),
         )
-        self._runs.append(state)
+        options = guider.model_options.setdefault("transformer_options", {})
+        previous = options.get(self._key)
+        options[self._key] = state
         try:
             return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
         finally:
-            self._runs.pop()
+            if previous is None:
+                options.pop(self._key, None)
+            else:
+                options[self._key] = previous
 
     def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
-        if not self._runs:  # sampled without a guider run (nothing to seed from): leave alone
+        state: RunState | None = model_options.get("transformer_options", {}).get(self._key)
+        if state is None:  # sampled without a guider run (nothing to seed from): leave alone
             return executor(model, conds, x_in, timestep, model_options)
-        state = self._runs[-1]
         call = state.calls
         state.calls += 1
         perturb_fn = self._perturb_fn(state, call, float(timestep.flatten()[0]))
