@@ -122,7 +122,7 @@ def _encode_text(clip, text: str) -> dict[str, torch.Tensor]:
 def _cached(path: Path, make) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from ...core.files import save_atomic
+    from ...core.files import WriteError, save_atomic
 
     if path.exists():
         try:
@@ -132,7 +132,10 @@ def _cached(path: Path, make) -> dict[str, torch.Tensor]:
         except Exception as e:  # a damaged cache entry is rebuilt, never trusted
             log.warning("supercond: rebuilding damaged cache entry %s (%s)", path.name, e)
     value = {k: v.detach().cpu().contiguous() for k, v in make().items()}
-    save_atomic(path, value, {"supercond_cache": CACHE_VERSION})
+    try:
+        save_atomic(path, value, {"supercond_cache": CACHE_VERSION})
+    except WriteError as e:  # a cache only saves time: go on without it
+        log.warning("supercond: dataset cache entry not kept (%s)", e)
     return value
 
 

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from ...core.files import sweep_stale_temps
 from ...core.train import NaNLoss, TrainError
 from ..errors import InputError
 from ..events import LossEvents, progress_text
@@ -35,6 +36,7 @@ def prefix_path(root: str | Path, prefix: str, folder: str) -> Path:
 
 
 def check_writable(folder: Path, what: str) -> None:
+    """Refuse an unwritable folder before any work; sweep the temporary files a killed run left there."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".supercond_write_test"
@@ -42,6 +44,7 @@ def check_writable(folder: Path, what: str) -> None:
         probe.unlink()
     except OSError as e:
         raise InputError(f"cannot write {what} to {folder}: {e}") from e
+    sweep_stale_temps(folder)
 
 
 _CHECKPOINT = re.compile(r"^(?P<stem>.+)_(?P<step>\d{6})(?:_ema)?\.safetensors$")  # a checkpoint or its EMA
