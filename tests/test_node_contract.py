@@ -80,3 +80,25 @@ def test_public_surface_matches_the_snapshot(node_classes):
         for sec, types in surface["input_types"].items():
             for name, kind in types.items():
                 assert now["input_types"].get(sec, {}).get(name) == kind, f"{node_id}.{name}: type changed"
+
+
+def test_every_number_and_choice_is_checked_when_queued(node_classes):
+    """ComfyUI 0.3.64 never checks a V3 combo's value and lets NaN and infinity through every FLOAT (issue 16's
+    fuzzer found CADS's ``branch=0`` reaching the sampler as a bare KeyError): every node refuses, by name, a
+    NaN, infinite or out-of-range number and a choice it does not offer, and takes its defaults."""
+    from comfy_api.v0_0_2 import io
+
+    from supercond.nodes.inputs import CheckedNode
+
+    for cls in node_classes:
+        schema = cls.define_schema()
+        assert issubclass(cls, CheckedNode), f"{schema.node_id} does not check its inputs"
+        checked = [i for i in schema.inputs if i.id not in cls.FILE_INPUTS]
+        for i in checked:
+            bad = [float("nan"), float("inf"), i.max + 1, i.min - 1] if isinstance(i, (io.Int.Input, io.Float.Input)) \
+                else ["not a choice", 0] if isinstance(i, io.Combo.Input) else []
+            for value in bad:
+                answer = cls.validate_inputs(**{i.id: value})
+                assert isinstance(answer, str) and i.id in answer, (schema.node_id, i.id, value, answer)
+        defaults = {i.id: i.default for i in checked if getattr(i, "default", None) is not None}
+        assert cls.validate_inputs(**defaults) is True, schema.node_id

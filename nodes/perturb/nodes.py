@@ -10,7 +10,7 @@ from comfy_api.v0_0_2 import io, ui
 from ...core import perturb
 from ...core.seeds import seeded_generator
 from .. import family as fm
-from ..inputs import MAX_SEED, float_input
+from ..inputs import MAX_SEED, CheckedNode, float_input
 from ..model_time import TIME_BASES, sampling_time
 from ..plots import line_plot
 from . import hook
@@ -29,7 +29,7 @@ _BRANCH_TIP = ("Which prompt is perturbed during sampling. Default positive: the
 _OFFSET_TIP = "Added to the sampler's seed for this node's noise; change it for a different draw at the same seed."
 
 
-class SupercondPerturbConditioning(io.ComfyNode):
+class SupercondPerturbConditioning(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -74,7 +74,7 @@ class SupercondPerturbConditioning(io.ComfyNode):
         return io.NodeOutput(out)
 
 
-class SupercondCEP(io.ComfyNode):
+class SupercondCEP(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -106,7 +106,7 @@ class SupercondCEP(io.ComfyNode):
         return io.NodeOutput(hook.patch_model(model, config, "SupercondCEP"))
 
 
-class SupercondCADS(io.ComfyNode):
+class SupercondCADS(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -132,10 +132,10 @@ class SupercondCADS(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, tau1=None, tau2=None, **kwargs) -> bool | str:
+    def relations(cls, tau1=None, tau2=None, **_) -> str | None:
         if tau1 is not None and tau2 is not None and not tau1 < tau2:
             return f"tau1 ({tau1}) must be smaller than tau2 ({tau2}): noise is full above tau2 and off below tau1."
-        return True
+        return None
 
     @classmethod
     def execute(cls, model, tau1, tau2, noise_scale, psi, apply_to, branch, time_base, seed_offset) -> io.NodeOutput:
@@ -144,7 +144,7 @@ class SupercondCADS(io.ComfyNode):
         return io.NodeOutput(hook.patch_model(model, config, "SupercondCADS"))
 
 
-class SupercondPlotPerturbation(io.ComfyNode):
+class SupercondPlotPerturbation(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

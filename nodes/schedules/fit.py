@@ -20,7 +20,7 @@ from ...core import schedule_fit as sf
 from .. import family as fm
 from ..errors import InputError
 from ..events import progress_text
-from ..inputs import MAX_SEED, register_model_folder
+from ..inputs import MAX_SEED, CheckedNode, register_model_folder
 from ..plots import line_plot
 from ..train.run import check_writable, prefix_path
 
@@ -123,7 +123,7 @@ def next_free(stem: Path) -> Path:
     return path
 
 
-class SupercondFitSchedule(io.ComfyNode):
+class SupercondFitSchedule(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -171,10 +171,10 @@ class SupercondFitSchedule(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, steps=None, teacher_steps=None) -> bool | str:
+    def relations(cls, steps=None, teacher_steps=None, **_) -> str | None:
         if steps is not None and teacher_steps is not None and teacher_steps <= steps:
             return f"teacher_steps ({teacher_steps}) must be larger than steps ({steps})"
-        return True
+        return None
 
     @classmethod
     def execute(cls, model, positive, negative, steps, teacher_steps, cfg, sampler_name, method, samples, seed,
@@ -240,7 +240,9 @@ def read_schedule(name: str) -> tuple[torch.Tensor, dict[str, str]]:
     return sigmas, meta
 
 
-class SupercondLoadSchedule(io.ComfyNode):
+class SupercondLoadSchedule(CheckedNode):
+    FILE_INPUTS = ("schedule_name",)
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

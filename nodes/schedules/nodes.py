@@ -11,7 +11,7 @@ from comfy_api.v0_0_2 import io, ui
 
 from ...core import noise as cnoise
 from ...core import schedules as sched
-from ..inputs import MAX_SEED
+from ..inputs import MAX_SEED, CheckedNode
 from ..plots import line_plot
 from . import hook
 
@@ -20,7 +20,7 @@ log = logging.getLogger("supercond.schedules")
 CATEGORY = "supercond/schedules"
 
 
-class SupercondNoiseCorrection(io.ComfyNode):
+class SupercondNoiseCorrection(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -53,7 +53,7 @@ class SupercondNoiseCorrection(io.ComfyNode):
         return io.NodeOutput(hook.patch_noise_correction(model, strength))
 
 
-class SupercondScheduleSigmas(io.ComfyNode):
+class SupercondScheduleSigmas(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -147,7 +147,7 @@ class OffsetNoise:
                                       self.pyramid_iterations, self.pyramid_discount)
 
 
-class SupercondOffsetNoise(io.ComfyNode):
+class SupercondOffsetNoise(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -184,7 +184,7 @@ class SupercondOffsetNoise(io.ComfyNode):
         return io.NodeOutput(OffsetNoise(noise_seed, offset, pyramid_iterations, pyramid_discount))
 
 
-class SupercondEpsilonScaling(io.ComfyNode):
+class SupercondEpsilonScaling(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -207,10 +207,10 @@ class SupercondEpsilonScaling(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, b, k) -> bool | str:
+    def relations(cls, b=None, k=None, **_) -> str | None:
         if not isinstance(b, (int, float)) or not isinstance(k, (int, float)):
-            return True  # linked inputs are checked at execution
-        return _lambda_problem(b, k) or True
+            return None  # linked inputs are checked at execution
+        return _lambda_problem(b, k)
 
     @classmethod
     def execute(cls, model, b, k) -> io.NodeOutput:
@@ -233,7 +233,7 @@ def _lambda_problem(b: float, k: float) -> str | None:
     return None
 
 
-class SupercondPlotSigmas(io.ComfyNode):
+class SupercondPlotSigmas(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -10,7 +10,7 @@ import folder_paths
 from comfy_api.v0_0_2 import io
 
 from ...core import heads as core_heads
-from ..inputs import register_model_folder
+from ..inputs import CheckedNode, register_model_folder
 from . import hook
 
 log = logging.getLogger("supercond.singlepass")
@@ -30,7 +30,7 @@ _NEG_TIP = ("head (default): the head stands in for the negative at one model ca
             "(the log says which). real_cfg: always run true two-pass CFG with the wired negative (no speed-up).")
 
 
-class SupercondNewHead(io.ComfyNode):
+class SupercondNewHead(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -51,7 +51,9 @@ class SupercondNewHead(io.ComfyNode):
         return io.NodeOutput(hook.attach_head(model, hook.new_head(model, head)))
 
 
-class SupercondLoadHead(io.ComfyNode):
+class SupercondLoadHead(CheckedNode):
+    FILE_INPUTS = ("head_name",)
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -69,8 +71,8 @@ class SupercondLoadHead(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, head_name) -> bool | str:
-        return head_path(head_name)[1] or True
+    def relations(cls, head_name=None, **_) -> str | None:
+        return head_path(head_name)[1] if head_name is not None else None
 
     @classmethod
     def execute(cls, model, head_name) -> io.NodeOutput:
@@ -101,7 +103,7 @@ def head_path(name: str) -> tuple[str | None, str | None]:
     return path, None
 
 
-class SupercondSinglePass(io.ComfyNode):
+class SupercondSinglePass(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -138,7 +140,7 @@ class SinglePassGuider(comfy.samplers.CFGGuider):
         self.inner_set_conds({"positive": positive, "negative": positive})
 
 
-class SupercondSinglePassGuider(io.ComfyNode):
+class SupercondSinglePassGuider(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -27,7 +27,7 @@ from ...core.dataset import (
     process_caption,
 )
 from ...core.seeds import seeded_generator
-from ..inputs import MAX_SEED
+from ..inputs import MAX_SEED, CheckedNode
 from .dataset_files import load_image_and_mask, write_example, write_example_buckets
 
 log = logging.getLogger("supercond")
@@ -201,7 +201,7 @@ def captions(text: str, trigger: str, shuffle: bool, keep_tokens: int, seed: int
     return out
 
 
-class SupercondLoadDataset(io.ComfyNode):
+class SupercondLoadDataset(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -30,7 +30,7 @@ from ...core.seeds import seeded_generator
 from ...core.train import batch_cond
 from .. import family as fm
 from ..errors import InputError
-from ..inputs import MAX_SEED, float_input, int_input
+from ..inputs import MAX_SEED, CheckedNode, float_input, int_input
 from ..plots import line_plot
 from ..singlepass import hook
 from ..singlepass.nodes import CATEGORY, FOLDER
@@ -207,7 +207,7 @@ def encode_negatives(text: str, clip: Any, mode: str, head_type: str, model: Any
     return rows
 
 
-class SupercondTrainHead(io.ComfyNode):
+class SupercondTrainHead(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -303,11 +303,11 @@ class SupercondTrainHead(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, cfg_min=None, cfg_max=None) -> bool | str:
+    def relations(cls, cfg_min=None, cfg_max=None, **_) -> str | None:
         # Linked (not widget) values are not known at queue time; execute() checks them.
         if cfg_min is not None and cfg_max is not None and cfg_min > cfg_max:
             return f"cfg_min ({cfg_min}) must not be larger than cfg_max ({cfg_max})"
-        return True
+        return None
 
     @classmethod
     def execute(cls, model, positive, mode, steps, learning_rate, head, lora_rank, cfg_min, cfg_max, seed,

@@ -13,7 +13,7 @@ from ...core.perturb import DISTRIBUTIONS
 from ...core.train import TrainConfig
 from .. import family as fm
 from ..errors import InputError
-from ..inputs import MAX_SEED, float_input, int_input
+from ..inputs import MAX_SEED, CheckedNode, float_input, int_input
 from ..plots import line_plot
 from . import model as tm
 from . import run as train_run
@@ -36,7 +36,7 @@ def optimizer_input() -> io.Combo.Input:
     return io.Combo.Input("optimizer", options=names, default="adamw", optional=True, tooltip=tip + ".")
 
 
-class SupercondTrainLoRA(io.ComfyNode):
+class SupercondTrainLoRA(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
