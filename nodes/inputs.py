@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import types
 from collections.abc import Iterable
 
 from comfy_api.v0_0_2 import io
@@ -33,21 +35,48 @@ class CheckedNode(io.ComfyNode):
     """A node whose widget values are checked against its own schema when the prompt is queued.
 
     ComfyUI 0.3.64 never checks a V3 combo's value, lets NaN and infinity through every FLOAT, and skips
-    its range checks for the inputs a validate_inputs names: this one checks every number (finite, in
-    range) and every fixed choice, then the node's ``relations`` between inputs. Linked inputs are not
-    known at queue time (None here): execute checks them."""
+    its own checks for the inputs a validate_inputs names. So each subclass gets a validate_inputs naming
+    its FLOATs, its combos and the inputs its ``relations`` reads (ComfyUI reports a failure once per
+    named input: naming every input would repeat it on each), checking them by the schema, then the
+    relations. Linked inputs are not known at queue time (None here): execute checks them."""
 
     FILE_INPUTS: tuple[str, ...] = ()  # combos listing files: their node's relations say what is missing
-
-    @classmethod
-    def validate_inputs(cls, **values: object) -> bool | str:
-        return schema_problem(cls, **{k: v for k, v in values.items() if k not in cls.FILE_INPUTS}) or \
-            cls.relations(**values) or True
 
     @classmethod
     def relations(cls, **values: object) -> str | None:
         """What is wrong between inputs (``tau1 < tau2``), or None; values are None when linked."""
         return None
+
+
+def _checked_names(cls: type[CheckedNode]) -> list[str]:
+    own = [i.id for i in cls.define_schema().inputs if isinstance(i, (io.Float.Input, io.Combo.Input))]
+    related = [p.name for p in inspect.signature(cls.relations).parameters.values()
+               if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    return list(dict.fromkeys(own + related))
+
+
+def _validator(names: list[str]):
+    def validate_inputs(cls, **values: object) -> bool | str:
+        return schema_problem(cls, **{k: v for k, v in values.items() if k not in cls.FILE_INPUTS}) or \
+            cls.relations(**values) or True
+
+    # ComfyUI passes (and skips its own checks for) exactly the parameters this signature names.
+    keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    validate_inputs.__signature__ = inspect.Signature(
+        [inspect.Parameter("cls", keyword), *(inspect.Parameter(n, keyword, default=None) for n in names)])
+    return validate_inputs
+
+
+class _ValidateInputs:
+    """CheckedNode.validate_inputs: made for the class it is read from, when it is read (a node's schema
+    may list files that exist only once its module has loaded)."""
+
+    def __get__(self, _obj: object, cls: type[CheckedNode]) -> types.MethodType:
+        names = [] if cls is CheckedNode else _checked_names(cls)  # ComfyUI reads it on the base class too
+        return types.MethodType(_validator(names), cls)
+
+
+CheckedNode.validate_inputs = _ValidateInputs()
 
 
 def schema_problem(cls: type[io.ComfyNode], **values: object) -> str | None:

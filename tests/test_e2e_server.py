@@ -107,7 +107,10 @@ def test_bad_values_are_refused_at_validation(client, object_info):
     cep = example("cep_static", object_info)
     with pytest.raises(PromptRejected) as err:
         client.queue(set_inputs(cep, "SupercondPerturbConditioning", gamma=-1.0))
-    assert "gamma" in str(err.value) and "smaller than min" in str(err.value)
+    assert "gamma is -1.0: it must be between 0.0 and 100.0" in str(err.value)
+    with pytest.raises(PromptRejected) as err:  # ComfyUI 0.3.64 checks no V3 combo: the node does
+        client.queue(set_inputs(base, "SupercondCADS", branch="sideways"))
+    assert "branch 'sideways' is not one of the choices: positive, negative, both" in str(err.value)
 
 
 def test_a_model_the_hook_cannot_serve_errors_clearly_and_the_server_stays_up(server, client, object_info):
