@@ -132,6 +132,16 @@ def test_resume_refuses_changed_settings_and_damaged_states(fixture_checkpoints,
     with pytest.raises(ValueError, match="lora_000002.state.pt is damaged or not a trainer state"):
         run(fam, lat, cond, steps=4, filename_prefix="r/lora", resume=True)
     assert sorted(f.name for f in (loras / "r").iterdir()) == ["lora_000002.safetensors", "lora_000002.state.pt"]
+    pwned = loras / "pwned"
+
+    class Payload:  # what a malicious state would hold: loading it unsafely would create ``pwned``
+        def __reduce__(self):
+            return (open, (str(pwned), "w"))
+
+    torch.save({"step": 2, "payload": Payload()}, state)
+    with pytest.raises(ValueError, match="lora_000002.state.pt holds Python objects .* refused unread"):
+        run(fam, lat, cond, steps=4, filename_prefix="r/lora", resume=True)
+    assert not pwned.exists()
 
 
 def test_optimizer_choice_through_comfyui(fixture_checkpoints, loras):

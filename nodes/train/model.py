@@ -155,8 +155,14 @@ def state_file(lora_file: Path) -> Path:
 
 def read_state(path: Path) -> dict:
     """A ``.state.pt`` for resume, or a message saying it cannot be used (never a raw unpickling error)."""
+    import pickle
+
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:  # weights_only refused a Python object: nothing in it was run
+        raise InputError(f"cannot resume: {path.name} holds Python objects a trainer state never has, so it "
+                         "was refused unread (nothing in it ran). Delete it if you did not put it there; switch "
+                         "resume off to start over, or use another filename_prefix") from None
     except Exception as e:  # truncated, damaged, or not written by torch.save at all
         raise InputError(f"cannot resume: {path.name} is damaged or not a trainer state "
                          f"({type(e).__name__}: {str(e)[:160]}). Switch resume off to start over, or use "

@@ -59,6 +59,9 @@ class SupercondStandInInspect:
         return float("nan")  # never cached: every call looks again
 
     def inspect(self, model) -> dict:
+        import comfy.model_management as mm
+
+        mm.load_models_gpu([model])  # as a sampler would: takes off patches a clone (a LoRA) put on
         return {"ui": {"text": [json.dumps(fingerprint(model), sort_keys=True)]}}
 
 
