@@ -137,16 +137,26 @@ class Session:
         except requests.RequestException:
             pass
 
-    def images(self, outcome: Outcome, class_types: dict[str, str]) -> dict[str, bytes]:
-        """``node id/index`` -> PNG bytes of every SaveImage output of a finished prompt."""
-        out = {}
-        for node, ui in sorted(outcome.outputs.items()):
-            if class_types.get(node) != "SaveImage":
-                continue
-            for i, img in enumerate(ui.get("images", [])):
-                out[f"{node}/{i}"] = self.client.get("/view", filename=img["filename"], subfolder=img.get("subfolder", ""),
-                                                     type=img.get("type", "output")).content
+    def pixels(self, outcome: Outcome) -> list[bytes]:
+        """The decoded RGB pixels of every image output (saved or previewed) of a finished prompt, in node
+        order; what "the same image" means (PNG bytes also hold the file's metadata)."""
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        out = []
+        for _node, ui in sorted(outcome.outputs.items()):
+            for img in ui.get("images", []):
+                data = self.client.get("/view", filename=img["filename"], subfolder=img.get("subfolder", ""),
+                                       type=img.get("type", "output")).content
+                out.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).tobytes())
         return out
+
+    def images_of(self, prompt: dict) -> list[bytes]:
+        """Run a prompt; its pixels, or one entry saying why there are none."""
+        out = self.run(prompt)
+        return self.pixels(out) if out.status == "success" else [f"{out.status}: {out.messages}".encode()]
 
     def fingerprint(self, ckpt: str) -> dict:
         """The stand-in inspector's view of a checkpoint loader's MODEL (the object ComfyUI keeps)."""

@@ -42,7 +42,7 @@ class SupercondStandInCLIPLoader:
 class SupercondStandInInspect:
     """What a patch, a Cancel or a training run could leak into a MODEL that ComfyUI keeps between
     prompts: its wrappers, callbacks, attachments and options, and on the diffusion model every clone
-    shares, instance forwards, module hooks, train mode and each parameter's identity and values."""
+    shares, instance forwards, module hooks, train mode and each parameter's type and values."""
 
     CATEGORY = "supercond/testing"
     DESCRIPTION = "Test servers only: a fingerprint of a MODEL's patcher and shared diffusion model."
@@ -78,7 +78,10 @@ def fingerprint(model) -> dict:
     values = 0.0
     with torch.no_grad():
         for name, p in dm.named_parameters():
-            params.update(f"{name}:{id(p)}:{p.requires_grad}:{p.dtype}:{tuple(p.shape)}".encode())
+            # Not the Parameter object, its memory or requires_grad: taking a LoRA off, stock ComfyUI puts back
+            # equal values in a new frozen Parameter. The trainers keep the very objects and their flags
+            # (tests/test_train_comfy.py); here: names, types, shapes and values.
+            params.update(f"{name}:{p.dtype}:{tuple(p.shape)}".encode())
             values += float(p.double().sum()) + float(p.double().abs().sum())
     mods = list(dm.modules())
     options = dict(model.model_options)
