@@ -192,7 +192,7 @@ TRAINERS = {"lora_train": "SupercondTrainLoRA", "singlepass_distill": "Supercond
 
 
 def storm_graphs(session: Session, quick: bool) -> dict[str, dict]:
-    names = STORMS[:4] + ["lora_train", "epsilon_scaling_sd3"] if quick else STORMS
+    names = ["cep_sampling", "singlepass_ksampler", "lora_train", "epsilon_scaling_sd3"] if quick else STORMS
     out = {}
     for name in names:
         g = small(session, name, TRAINERS[name]) if name in TRAINERS else session.example(name)

@@ -70,9 +70,9 @@ def clones(prompt: dict) -> dict:
 
 def mixed(session: Session, quick: bool) -> dict[str, dict]:
     """The distinct graphs of the queue."""
-    names = PATCHES[:3] + ["singlepass_ksampler", "epsilon_scaling_sd3"] if quick else PATCHES
+    names = ["cep_sampling", "cads_sampling", "singlepass_ksampler", "epsilon_scaling_sd3"] if quick else PATCHES
     graphs = {name: session.example(name) for name in names}
-    graphs |= {f"{name}+clones": clones(graphs[name]) for name in list(graphs)[:2 if quick else 5]}
+    graphs |= {f"{name}+clones": clones(graphs[name]) for name in list(graphs)[:1 if quick else 5]}
     graphs |= {f"{name}-stock": stock(graphs[name]) for name in ("cep_sampling", "epsilon_scaling_sd3")}
     trainers = ["lora_train"] if quick else list(TRAINERS)
     for name in trainers:
