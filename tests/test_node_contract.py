@@ -88,7 +88,7 @@ def test_every_number_and_choice_is_checked_when_queued(node_classes):
     NaN, infinite or out-of-range number and a choice it does not offer, and takes its defaults."""
     from comfy_api.v0_0_2 import io
 
-    from supercond.nodes.inputs import CheckedNode
+    from supercond.nodes.checked import CheckedNode
 
     for cls in node_classes:
         schema = cls.define_schema()

@@ -86,7 +86,7 @@ def load_test(session: Session, workdir: Path, models: Path, quick: bool, rng: r
     tally = LoadTally()
     graphs = mixed(session, quick)
     seeds = [1] if quick else [1, 2]
-    repeats = 2 if quick else 5
+    repeats = 2 if quick else 8
     jobs = [(name, s) for name in graphs for s in seeds] * repeats
     rng.shuffle(jobs)
     tally.unique = len(graphs) * len(seeds)

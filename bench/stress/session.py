@@ -190,6 +190,9 @@ class Session:
         allowed = tuple(self.workdir / d for d in WRITABLE)
         new = [p for p in after - before if not any(p.is_relative_to(a) for a in allowed)]
         marked = [p for p in after if MARKER in str(p)]
+        # Hostile paths aim at /tmp, the home folder and the root too: look there (one level) for the marker.
+        for root in (Path("/tmp"), Path.home(), Path("/")):
+            marked += [p for p in root.iterdir() if MARKER in p.name and not p.is_relative_to(self.workdir)]
         return sorted(set(new) | set(marked))
 
     # -- internals -------------------------------------------------------------------------------

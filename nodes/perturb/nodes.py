@@ -10,7 +10,8 @@ from comfy_api.v0_0_2 import io, ui
 from ...core import perturb
 from ...core.seeds import seeded_generator
 from .. import family as fm
-from ..inputs import MAX_SEED, CheckedNode, float_input
+from ..checked import CheckedNode
+from ..inputs import MAX_SEED, float_input
 from ..model_time import TIME_BASES, sampling_time
 from ..plots import line_plot
 from . import hook

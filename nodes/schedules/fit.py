@@ -18,9 +18,10 @@ from comfy_api.v0_0_2 import io, ui
 from ...core import files
 from ...core import schedule_fit as sf
 from .. import family as fm
+from ..checked import CheckedNode
 from ..errors import InputError
 from ..events import progress_text
-from ..inputs import MAX_SEED, CheckedNode, register_model_folder
+from ..inputs import MAX_SEED, register_model_folder
 from ..plots import line_plot
 from ..train.run import check_writable, prefix_path
 

@@ -11,7 +11,8 @@ from comfy_api.v0_0_2 import io, ui
 
 from ...core import noise as cnoise
 from ...core import schedules as sched
-from ..inputs import MAX_SEED, CheckedNode
+from ..checked import CheckedNode
+from ..inputs import MAX_SEED
 from ..plots import line_plot
 from . import hook
 

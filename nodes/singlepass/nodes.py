@@ -10,7 +10,8 @@ import folder_paths
 from comfy_api.v0_0_2 import io
 
 from ...core import heads as core_heads
-from ..inputs import CheckedNode, register_model_folder
+from ..checked import CheckedNode
+from ..inputs import register_model_folder
 from . import hook
 
 log = logging.getLogger("supercond.singlepass")

@@ -27,7 +27,8 @@ from ...core.dataset import (
     process_caption,
 )
 from ...core.seeds import seeded_generator
-from ..inputs import MAX_SEED, CheckedNode
+from ..checked import CheckedNode
+from ..inputs import MAX_SEED
 from .dataset_files import load_image_and_mask, write_example, write_example_buckets
 
 log = logging.getLogger("supercond")

@@ -29,8 +29,9 @@ from ...core.lora import LoRANetwork, kohya_metadata
 from ...core.seeds import seeded_generator
 from ...core.train import batch_cond
 from .. import family as fm
+from ..checked import CheckedNode
 from ..errors import InputError
-from ..inputs import MAX_SEED, CheckedNode, float_input, int_input
+from ..inputs import MAX_SEED, float_input, int_input
 from ..plots import line_plot
 from ..singlepass import hook
 from ..singlepass.nodes import CATEGORY, FOLDER

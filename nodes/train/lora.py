@@ -12,8 +12,9 @@ from ...core.lora import LAYER_SETS
 from ...core.perturb import DISTRIBUTIONS
 from ...core.train import TrainConfig
 from .. import family as fm
+from ..checked import CheckedNode
 from ..errors import InputError
-from ..inputs import MAX_SEED, CheckedNode, float_input, int_input
+from ..inputs import MAX_SEED, float_input, int_input
 from ..plots import line_plot
 from . import model as tm
 from . import run as train_run
