@@ -248,7 +248,7 @@ def test_bad_input_gets_a_plain_message(comfy, fixture_checkpoints):
         SupercondOffsetNoise.execute(1, -0.1, 0, 0.3)
     with pytest.raises(ValueError, match="b must be > 0"):
         es(fam.model, 0.0)
-    assert "b must be > 0" in SupercondEpsilonScaling.validate_inputs(b=-1.0, k=0.0)
+    assert "b is -1.0: it must be between 0.5 and 2.0" in SupercondEpsilonScaling.validate_inputs(b=-1.0, k=0.0)
     assert "reaches" in SupercondEpsilonScaling.validate_inputs(b=0.5, k=-0.6)
     assert SupercondEpsilonScaling.validate_inputs(b=1.005, k=0.0) is True
     with pytest.raises(ValueError, match="not above the second sigma"):

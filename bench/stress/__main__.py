@@ -11,6 +11,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,9 +62,20 @@ def run(parts: tuple[str, ...], settings: Settings, workdir: Path) -> list[Row]:
     rng = random.Random(settings.seed)
     rows = []
 
-    def fresh(name: str) -> Session:
-        shutil.rmtree(workdir / name, ignore_errors=True)
-        return Session(workdir / name, models)
+    shared: dict[str, Session] = {}
+
+    @contextmanager
+    def fresh(name: str) -> Iterator[Session]:
+        """A fresh server per part; quick: one server for all parts and one for references (saves starts)."""
+        key = ("reference" if "reference" in name else "main") if settings.quick else name
+        if key not in shared:
+            shutil.rmtree(workdir / key, ignore_errors=True)
+            shared[key] = Session(workdir / key, models)
+        try:
+            yield shared[key]
+        finally:
+            if not settings.quick:
+                shared.pop(key).stop()
 
     def zero() -> dict:
         return dict.fromkeys(COLUMNS, 0)
@@ -91,7 +104,7 @@ def run(parts: tuple[str, ...], settings: Settings, workdir: Path) -> list[Row]:
         t0 = time.monotonic()
         t = faults.FaultTally()
         with fresh("faults") as s:
-            faults.disk_full(s, t)
+            faults.disk_full(s, t, settings.quick)
             faults.killed_and_resumed(s, t, rng)
             crashes = s.crashes
         c = zero() | {"faults injected": t.injected, "server crashes": crashes, "unreadable errors": len(t.unreadable),
@@ -111,12 +124,15 @@ def run(parts: tuple[str, ...], settings: Settings, workdir: Path) -> list[Row]:
     if "load" in parts:
         t0 = time.monotonic()
         with fresh("load") as s:
-            t = load.load_test(s, workdir, models, settings.quick, rng, fresh_each=not settings.quick)
+            ref = shared.get("reference") if settings.quick else None
+            t = load.load_test(s, workdir, models, settings.quick, rng, reference=ref)
             crashes = s.crashes
         c = zero() | {"concurrent prompts": t.prompts, "server crashes": crashes, "unreadable errors": len(t.failed),
                       "images unlike a serial run": len(t.differ)}
         alone = "each alone on one reference server" if settings.quick else "each alone on a fresh server"
         rows.append(Row(f"load ({t.unique} distinct prompts; {alone})", c, t.failed + t.differ, time.monotonic() - t0))
+    for s in shared.values():
+        s.stop()
     return rows
 
 

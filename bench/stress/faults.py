@@ -87,13 +87,15 @@ def fill(folder: Path, leave: int) -> None:
         (folder / ".filler").write_bytes(bytes(free - leave))
 
 
-def disk_full(session: Session, tally: FaultTally) -> None:
+def disk_full(session: Session, tally: FaultTally, quick: bool = False) -> None:
     """Each writer with its folder on a small tmpfs, the disk then filled: the run reports it, the
-    previous checkpoint still loads, no temporary file is left, and after freeing space resume works."""
+    previous checkpoint still loads, no temporary file is left, and after freeing space resume works.
+    (quick: not the head trainer, whose saves take the same path as the LoRA trainer's.)"""
     srv = session.server
     cases = [("lora", srv.loras_dir, small(session, "lora_train", "SupercondTrainLoRA", save_every=1)),
              ("head", srv.heads_dir, small(session, "singlepass_distill", "SupercondTrainHead", save_every=1)),
              ("schedule", srv.schedules_dir, small(session, "schedule_fit", "SupercondFitSchedule"))]
+    cases = [c for c in cases if not (quick and c[0] == "head")]
     for what, folder, graph in cases:
         trainer = next(k for k, v in graph.items() if v["class_type"] in
                        ("SupercondTrainLoRA", "SupercondTrainHead", "SupercondFitSchedule"))

@@ -135,9 +135,6 @@ def fuzz(session: Session, prompts: int, rng_seed: int = 0, deadline: float = 20
     tally = FuzzTally()
     graphs = bases(session)
     order = sorted(graphs)
-    for name, g in graphs.items():  # each base must work before it can tell us anything
-        if (o := session.run(g)).status != "success":
-            raise RuntimeError(f"the base graph of {name} fails: {o.messages}")
     before = session.files()
     started = time.monotonic()
 
@@ -172,7 +169,7 @@ def _fuzz_node(session: Session, tally: FuzzTally, target: str, base: dict, coun
                 changes[name] = data.draw(links(base, session.info, nid, kind))
         outcome = session.run(with_inputs(base, nid, **changes), deadline=deadline)
         _record(tally, target, outcome, f"{target} {changes!r:.200}")
-        if outcome.status != "rejected":  # the same graph, unchanged, must run again
+        if outcome.status != "rejected":  # the same graph, unchanged, must run (again)
             canary = session.run(base, deadline=600)
             if canary.status != "success":
                 tally.canary_failures.append(f"{target} after {changes!r:.200}: {canary.status} {canary.messages}")

@@ -82,7 +82,9 @@ def mixed(session: Session, quick: bool) -> dict[str, dict]:
 
 
 def load_test(session: Session, workdir: Path, models: Path, quick: bool, rng: random.Random,
-              fresh_each: bool = True) -> LoadTally:
+              reference: Session | None = None) -> LoadTally:
+    """``reference`` None: each distinct prompt alone on a fresh server of its own; else one after another
+    on that server (one that never ran the queue)."""
     tally = LoadTally()
     graphs = mixed(session, quick)
     seeds = [1] if quick else [1, 2]
@@ -107,21 +109,14 @@ def load_test(session: Session, workdir: Path, models: Path, quick: bool, rng: r
             continue
         got.setdefault((name, s), []).append(session.pixels(out))
     log.info("stress load: %d prompts queued at once, %d distinct", tally.prompts, tally.unique)
-    # Each distinct prompt alone: on a fresh server of its own, or (quick) one after another on one server
-    # that runs nothing else.
-    reference = None if fresh_each else Session(workdir / "alone", models)
-    try:
-        for (name, s), runs in sorted(got.items()):
-            if fresh_each:
-                shutil.rmtree(workdir / "alone", ignore_errors=True)
-                with Session(workdir / "alone", models) as fresh:
-                    alone = fresh.images_of(reseed(graphs[name], s))
-            else:
-                alone = reference.images_of(reseed(graphs[name], s))
-            for i, run in enumerate(runs):
-                if run != alone:
-                    tally.differ.append(f"{name} seed {s} (run {i + 1} of {len(runs)} in the queue)")
-    finally:
-        if reference is not None:
-            reference.stop()
+    for (name, s), runs in sorted(got.items()):
+        if reference is None:
+            shutil.rmtree(workdir / "alone", ignore_errors=True)
+            with Session(workdir / "alone", models) as fresh:
+                alone = fresh.images_of(reseed(graphs[name], s))
+        else:
+            alone = reference.images_of(reseed(graphs[name], s))
+        for i, run in enumerate(runs):
+            if run != alone:
+                tally.differ.append(f"{name} seed {s} (run {i + 1} of {len(runs)} in the queue)")
     return tally

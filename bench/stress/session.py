@@ -17,8 +17,10 @@ import requests
 
 log = logging.getLogger("supercond.stress")
 
-# Folders a prompt may write into (relative to the server's workdir): images, trained files, caches.
-WRITABLE = ("output", "temp", "user", "loras", "supercond_heads", "supercond_schedules")
+# Folders a prompt may write into (relative to the server's workdir): images, trained files, caches, and
+# the bundled example datasets, which SupercondLoadDataset writes into the input folder on first use.
+WRITABLE = ("output", "temp", "user", "loras", "supercond_heads", "supercond_schedules", "input/supercond_example",
+            "input/supercond_example_buckets")
 MARKER = "zzstress"  # in every hostile path-like string: a file with it anywhere is a finding
 
 _BARE = re.compile(r"^\s*([\w.]*(Error|Exception)\b:?)?\s*['\"]?[\w.\-/]*['\"]?\s*$")
