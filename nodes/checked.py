@@ -12,9 +12,10 @@ from comfy_api.v0_0_2 import io
 class CheckedNode(io.ComfyNode):
     """A node whose widget values are checked against its own schema when the prompt is queued.
 
-    ComfyUI 0.3.64 never checks a V3 combo's value, lets NaN and infinity through every FLOAT, and skips
-    its own checks for the inputs a validate_inputs names. So each subclass gets a validate_inputs naming
-    its FLOATs, its combos and the inputs its ``relations`` reads (ComfyUI reports a failure once per
+    ComfyUI 0.3.64 never checks a V3 combo's value, lets NaN and infinity through every FLOAT, passes a
+    literal value given where a link belongs (``"model": {"a": 1}``) to the node as it is, and skips its
+    own checks for the inputs a validate_inputs names. So each subclass gets a validate_inputs naming its
+    FLOATs, combos, link inputs and the inputs its ``relations`` reads (ComfyUI reports a failure once per
     named input: naming every input would repeat it on each), checking them by the schema, then the
     relations. Linked inputs are not known at queue time (None here): execute checks them."""
 
@@ -27,7 +28,8 @@ class CheckedNode(io.ComfyNode):
 
 
 def _checked_names(cls: type[CheckedNode]) -> list[str]:
-    own = [i.id for i in cls.define_schema().inputs if isinstance(i, (io.Float.Input, io.Combo.Input))]
+    own = [i.id for i in cls.define_schema().inputs
+           if isinstance(i, (io.Float.Input, io.Combo.Input)) or not isinstance(i, io.WidgetInput)]
     related = [p.name for p in inspect.signature(cls.relations).parameters.values()
                if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
     return list(dict.fromkeys(own + related))
@@ -76,4 +78,6 @@ def schema_problem(cls: type[io.ComfyNode], **values: object) -> str | None:
                 return f"{name} is {value}: it must be {span}"
         elif isinstance(spec, io.Combo.Input) and value not in spec.options:
             return f"{name} {value!r:.80} is not one of the choices: {', '.join(map(str, spec.options))}"
+        elif not isinstance(spec, io.WidgetInput):  # a link (None at queue time) given a value in the prompt
+            return f"{name} must be connected to a {spec.get_io_type()} output, not given the value {value!r:.60}"
     return None

@@ -84,8 +84,9 @@ def test_public_surface_matches_the_snapshot(node_classes):
 
 def test_every_number_and_choice_is_checked_when_queued(node_classes):
     """ComfyUI 0.3.64 never checks a V3 combo's value and lets NaN and infinity through every FLOAT (issue 16's
-    fuzzer found CADS's ``branch=0`` reaching the sampler as a bare KeyError): every node refuses, by name, a
-    NaN, infinite or out-of-range number and a choice it does not offer, and takes its defaults."""
+    fuzzer found CADS's ``branch=0`` reaching the sampler as a bare KeyError, and ``conditioning={"a": 1}``
+    reaching SupercondPlotPerturbation): every node refuses, by name, a NaN, infinite or out-of-range number,
+    a choice it does not offer and a value given where a link belongs, and takes its defaults."""
     from comfy_api.v0_0_2 import io
 
     from supercond.nodes.checked import CheckedNode
@@ -96,7 +97,8 @@ def test_every_number_and_choice_is_checked_when_queued(node_classes):
         checked = [i for i in schema.inputs if i.id not in cls.FILE_INPUTS]
         for i in checked:
             bad = [float("nan"), float("inf"), i.max + 1, i.min - 1] if isinstance(i, (io.Int.Input, io.Float.Input)) \
-                else ["not a choice", 0] if isinstance(i, io.Combo.Input) else []
+                else ["not a choice", 0] if isinstance(i, io.Combo.Input) \
+                else [{"a": 1}, 0] if not isinstance(i, io.WidgetInput) else []  # a value where a link belongs
             for value in bad:
                 answer = cls.validate_inputs(**{i.id: value})
                 assert isinstance(answer, str) and i.id in answer, (schema.node_id, i.id, value, answer)

@@ -542,3 +542,24 @@ def test_training_leaves_every_other_clone_as_it_was(fixture_checkpoints, loras,
     calls.clear()
     assert torch.equal(sample(fam, other, pos, neg), image)
     assert calls, "another pack's wrapper was dropped"
+
+
+def test_out_of_memory_is_an_error_not_a_killed_server(comfy):
+    """On the CPU the kernel kills a process that allocates past the machine's memory (the stress fuzzer's
+    head batch_size 3543 took the server down): inside memory_guard such an allocation fails as an error
+    naming what to lower, and the address-space cap is put back afterwards."""
+    import resource
+
+    import psutil
+
+    from supercond.nodes.errors import InputError
+    from supercond.nodes.train.run import memory_guard
+
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    too_much = int(0.95 * psutil.virtual_memory().available)  # without the cap: mapped lazily, no error
+    with pytest.raises(InputError, match="SupercondTrainLoRA ran out of memory .*: lower batch_size"):
+        with memory_guard("SupercondTrainLoRA", "lower batch_size"):
+            torch.empty(too_much, dtype=torch.uint8)  # not touched: without the cap, no page is used
+    assert resource.getrlimit(resource.RLIMIT_AS) == before
+    with memory_guard("x", "y"):
+        assert torch.ones(1000).sum() == 1000  # an ordinary run is untouched

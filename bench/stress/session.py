@@ -74,6 +74,7 @@ class Session:
         self.client = ComfyClient(self.server.url)
         self.info = self.client.object_info()
         self.crashes = 0
+        self.refused_parts: dict[str, list[str]] = {}
 
     def stop(self) -> None:
         self.server.stop()
@@ -109,7 +110,10 @@ class Session:
             return None, Outcome("rejected", rejection_messages(body))
         if not r.ok:
             return None, Outcome("error", [f"HTTP {r.status_code}: {r.text[:300]}"])
-        return r.json()["prompt_id"], None
+        body = r.json()
+        # Queued with some outputs refused (ComfyUI runs the valid ones): their messages count too.
+        self.refused_parts[body["prompt_id"]] = rejection_messages({"node_errors": body.get("node_errors") or {}})
+        return body["prompt_id"], None
 
     def wait(self, pid: str, deadline: float, grace: float = 120.0) -> Outcome:
         """Wait for a queued prompt; past ``deadline`` seconds, interrupt it and wait ``grace`` more."""
@@ -120,7 +124,9 @@ class Session:
             if entry is None:
                 return self._down("the server stopped answering")
             if entry:
-                return self._outcome(entry, time.monotonic() - start)
+                out = self._outcome(entry, time.monotonic() - start)
+                out.messages += self.refused_parts.pop(pid, [])
+                return out
             waited = time.monotonic() - start
             if not interrupted and waited > deadline:
                 self.interrupt()

@@ -23,7 +23,7 @@ from ..errors import InputError
 from ..events import progress_text
 from ..inputs import MAX_SEED, register_model_folder
 from ..plots import line_plot
-from ..train.run import check_writable, prefix_path
+from ..train.run import check_writable, memory_guard, prefix_path
 
 log = logging.getLogger("supercond.schedules")
 
@@ -194,8 +194,9 @@ class SupercondFitSchedule(CheckedNode):
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
         progress_text(f"fitting a {steps}-step schedule: up to {samples * teacher_steps * (steps + 1)} model calls",
                       node_id)
-        fit, _ = run_fit(model, ms, positive, negative, latent_image, steps, teacher_steps, cfg, sampler_name, samples,
-                         seed, node_id)
+        with memory_guard("SupercondFitSchedule", "lower samples or teacher_steps, or the latent's size"):
+            fit, _ = run_fit(model, ms, positive, negative, latent_image, steps, teacher_steps, cfg, sampler_name,
+                             samples, seed, node_id)
         sigmas = fit.sigmas.float()
         meta = {"format": FORMAT, "family": family, "prediction": prediction, "sampler": sampler_name,
                 "steps": steps, "teacher_steps": teacher_steps, "teacher_grid": TEACHER_GRID, "cfg": cfg,

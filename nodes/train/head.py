@@ -334,8 +334,9 @@ class SupercondTrainHead(CheckedNode):
             lora_stem = train_run.prefix_path(folder_paths.get_folder_paths("loras")[0], filename_prefix, "loras")
             train_run.check_writable(lora_stem.parent, "LoRA files")
         more = encode_negatives(negative_prompts, clip, mode, head, model)
-        path, losses, sd, lora = train(model, positive, negative, latent, cfg, head, lora_rank, stem, save_every,
-                                       resume, node_id, lora_stem, more)
+        with train_run.memory_guard(NODE, "lower batch_size (or the LATENT's batch and size), or lora_rank"):
+            path, losses, sd, lora = train(model, positive, negative, latent, cfg, head, lora_rank, stem, save_every,
+                                           resume, node_id, lora_stem, more)
         final = hook.new_head(model, head, NODE)
         core_heads.load_state(final, sd, where=Path(path).name)
         final.spec = dataclasses.replace(final.spec, reads_negative=bool(more))

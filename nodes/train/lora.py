@@ -180,7 +180,9 @@ class SupercondTrainLoRA(CheckedNode):
         data = dataset_from(latents, conditioning, masked_loss, with_text=text_encoder_lr > 0)
         run = Run(stem, save_every, gradient_checkpointing, resume, node_id, keep_last, export_format,
                   sample_every, sample_prompts, vae, clip, validation_split, validate_every)
-        path, trainer, sd = train(model, data, cfg, run)
+        with train_run.memory_guard(NODE, "lower batch_size, rank or the dataset's resolution (grad_accumulation "
+                                    "keeps the effective batch)"):
+            path, trainer, sd = train(model, data, cfg, run)
         import comfy.sd
 
         trained, trained_clip = comfy.sd.load_lora_for_models(model, clip, sd, 1.0, 1.0)

@@ -8,7 +8,8 @@ import glob
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -136,6 +137,41 @@ def run_steps(step: Callable[[], float], done: Callable[[], int], total: int, sa
         events.flush()
         log.info("supercond: %s peak memory: %s", what, peak_memory(device))
     return last
+
+
+@contextmanager
+def memory_guard(what: str, lower: str) -> Iterator[None]:
+    """Out of memory becomes an error that names what to lower, and the server stays up.
+
+    On the CPU an allocation past the machine's memory gets the whole server killed by the kernel's OOM
+    killer (no exception to catch; the stress fuzzer's batch_size 3543 did that). While inside, the
+    process's address space is capped at what it maps now plus 90 % of the memory available, so such an
+    allocation fails here instead; the cap is put back on the way out. On a GPU, CUDA's own OOM error is
+    translated the same way."""
+    import resource
+
+    import comfy.model_management as mm
+    import psutil
+
+    saved = None
+    if mm.get_torch_device().type == "cpu" and hasattr(resource, "RLIMIT_AS"):
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        cap = psutil.Process().memory_info().vms + int(0.9 * psutil.virtual_memory().available)
+        cap = cap if hard == resource.RLIM_INFINITY else min(cap, hard)
+        if soft == resource.RLIM_INFINITY or cap < soft:
+            resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+            saved = (soft, hard)
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        text = str(e)
+        if not (isinstance(e, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()):
+            raise
+        raise InputError(f"{what} ran out of memory ({text.splitlines()[0][:160] if text else 'MemoryError'}): "
+                         f"{lower}") from None
+    finally:
+        if saved is not None:
+            resource.setrlimit(resource.RLIMIT_AS, saved)
 
 
 def peak_memory(device) -> str:
