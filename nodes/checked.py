@@ -36,8 +36,7 @@ def _checked_names(cls: type[CheckedNode]) -> list[str]:
 
 
 def _validator(names: list[str]):
-    def validate_inputs(cls, *args: object, **values: object) -> bool | str:
-        values |= dict(zip(names, args, strict=False))  # called by hand, positionally
+    def validate_inputs(cls, **values: object) -> bool | str:  # ComfyUI passes keywords only
         return schema_problem(cls, **{k: v for k, v in values.items() if k not in cls.FILE_INPUTS}) or \
             cls.relations(**values) or True
 

@@ -280,9 +280,9 @@ def test_head_file_round_trip_and_misfits(comfy, fixture_checkpoints, tmp_path, 
     (folder / "cut.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated"):
         nodes_sp.SupercondLoadHead.execute(eps.model, "cut.safetensors")
-    assert "not in the supercond_heads folder" in nodes_sp.SupercondLoadHead.validate_inputs("nope.safetensors")
+    assert "not in the supercond_heads folder" in nodes_sp.SupercondLoadHead.validate_inputs(head_name="nope.safetensors")
     monkeypatch.setitem(folder_paths.folder_names_and_paths, nodes_sp.FOLDER, ([str(tmp_path / "gone")], set()))
-    assert "model folder does not exist" in nodes_sp.SupercondLoadHead.validate_inputs("sd15.safetensors")
+    assert "model folder does not exist" in nodes_sp.SupercondLoadHead.validate_inputs(head_name="sd15.safetensors")
 
 
 def test_single_pass_without_a_head_says_what_to_do(comfy, fixture_checkpoints):
