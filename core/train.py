@@ -118,6 +118,7 @@ class Batch:
     target: torch.Tensor
     cond: list[Cond]  # one row per latent
     mask: torch.Tensor | None = None  # [B, 1, h, w] loss weights (masked loss), None: all ones
+    share: float = 1.0  # data-parallel: this rank's rows / its even share of the micro-batch (Trainer._slice)
 
 
 def batch_cond(conds: Sequence[Cond]) -> Cond:
@@ -145,12 +146,24 @@ class Trainer:
                  text_parts: Mapping[str, tuple[int, ...] | None] | None = None,
                  masks: Sequence[torch.Tensor | None] | None = None,
                  flipped: Sequence[torch.Tensor] | None = None, text_params: Sequence[torch.nn.Parameter] = (),
-                 encode_text: Callable[[list[str]], list[Cond]] | None = None) -> None:
+                 encode_text: Callable[[list[str]], list[Cond]] | None = None,
+                 shard: tuple[int, int] = (0, 1), mean_across: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 ) -> None:
         """``latents``: [N, ...] or N tensors [1, ...] of bucket sizes; ``conds``: a row per latent (or one
         for all), or per latent a list of caption variants; ``masks``/``flipped``: see TrainData.
         ``text_params`` (a text-encoder LoRA, trained at ``cfg.text_encoder_lr``) with ``encode_text``
-        (captions -> fresh text parts, with grad): rows then carry their caption as ``text``."""
+        (captions -> fresh text parts, with grad): rows then carry their caption as ``text``.
+        ``shard`` (rank, world): data-parallel training. ``cfg.batch_size`` is the global batch; every rank
+        draws it whole (the same draws as one process) and trains on its slice of ``batch_size / world``
+        rows, ``denoise`` averages the gradients across ranks (DistributedDataParallel) and
+        ``mean_across`` the step's loss, so every rank steps alike and the losses are the global ones."""
         cfg.validate()
+        rank, world = shard
+        if world < 1 or not 0 <= rank < world or cfg.batch_size % world:
+            raise TrainError(f"a batch of {cfg.batch_size} cannot be split evenly over {world} processes: use a "
+                             f"batch_size per process, and the same on every process")
+        self.shard = shard
+        self.mean_across = mean_across
         if cfg.caption_dropout > 0 and empty_cond is None:
             raise TrainError("caption_dropout needs the empty prompt's conditioning; use SupercondLoadDataset "
                              "(it adds it) or set caption_dropout to 0")
@@ -208,10 +221,20 @@ class Trainer:
         x_in = obj.noisy_input(cfg.prediction, x0, model_noise, sigma)
         target = obj.native_target(cfg.prediction, x0, noise, sigma)
         rows = self._cond(drawn.rows, step, micro)
+        mine, share = self._slice(len(idx))
         dev = self.device
-        mask = drawn.mask.to(dev) if drawn.mask is not None else None
-        return Batch(idx, x0.to(dev), noise.to(dev), x_in.to(dev), sigma.to(dev), target.to(dev),
-                     [_on(r, dev) for r in rows], mask)
+        mask = drawn.mask[mine].to(dev) if drawn.mask is not None else None
+        return Batch(idx[mine], x0[mine].to(dev), noise[mine].to(dev), x_in[mine].to(dev), sigma[mine].to(dev),
+                     target[mine].to(dev), [_on(r, dev) for r in rows[mine]], mask, share)
+
+    def _slice(self, rows: int) -> tuple[slice, float]:
+        """This rank's rows of a micro-batch of ``rows`` and the factor on its mean loss that makes the
+        ranks' average the mean over all rows. A bucket's last micro-batch may hold fewer rows than ranks:
+        a rank left without one trains on the first row at weight 0 (every rank must take part in a step)."""
+        rank, world = self.shard
+        mine = slice(rank * rows // world, (rank + 1) * rows // world)  # all of it with one process
+        n = mine.stop - mine.start
+        return (mine, n * world / rows) if n else (slice(0, 1), 0.0)
 
     def _cond(self, rows: list[Cond], step: int, micro: int) -> list[Cond]:
         cfg = self.cfg
@@ -232,7 +255,8 @@ class Trainer:
         x0_hat = self.denoise(b.x_in, b.sigma, b.cond)
         pred = obj.native_prediction(cfg.prediction, b.x_in.float(), x0_hat.float(), b.sigma.float())
         w = obj.loss_weight(cfg.loss_weighting, cfg.prediction, b.sigma, cfg.min_snr_gamma)
-        return obj.weighted_mse(pred, b.target, w, b.mask)
+        loss = obj.weighted_mse(pred, b.target, w, b.mask)
+        return loss if b.share == 1.0 else loss * b.share
 
     def train_step(self, between_micro: Callable[[], None] | None = None) -> float:
         """One optimizer step (grad_accumulation micro-batches). Raises NaNLoss before stepping."""
@@ -248,6 +272,8 @@ class Trainer:
             loss = self.loss(self.batch(self.step, micro)) / cfg.grad_accumulation
             loss.backward()
             total += loss.detach()
+        if self.mean_across is not None:
+            total = self.mean_across(total)
         value = float(total)  # one sync per optimizer step
         if not math.isfinite(value):
             self.optimizer.zero_grad(set_to_none=True)

@@ -1,17 +1,30 @@
 """The one module that talks to ComfyUI's server: progress text and custom events.
 
 ``server`` is imported inside the functions so node modules import without a running server
-(tests, scripts); without one every call is a no-op.
+(tests, scripts); without one the calls reach only the listeners (``listen``: scripts/train's progress).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 log = logging.getLogger("supercond")
 
 LOSS_EVENT = "supercond.loss"
+PROGRESS_TEXT = "supercond.progress_text"
+_listeners: list[Callable[[str, dict], None]] = []
+
+
+def listen(listener: Callable[[str, dict], None]) -> None:
+    """Also hand every event, as (name, data), to ``listener`` (a run without the server shows them)."""
+    _listeners.append(listener)
+
+
+def _tell(event: str, data: dict) -> None:
+    for listener in _listeners:
+        listener(event, data)
 
 
 def _server():
@@ -23,6 +36,7 @@ def _server():
 
 
 def progress_text(text: str, node_id: str | None) -> None:
+    _tell(PROGRESS_TEXT, {"node": node_id, "text": text})
     srv = _server()
     if srv is not None and node_id is not None:
         srv.send_progress_text(text, node_id)
@@ -51,8 +65,10 @@ class LossEvents:
             self._send(False)
 
     def _send(self, reset: bool) -> None:
+        data = {"node": self.node_id, "steps": self._steps, "losses": self._losses, "total": self.total,
+                "reset": reset}
+        _tell(LOSS_EVENT, data)
         srv = _server()
         if srv is not None and self.node_id is not None:
-            srv.send_sync(LOSS_EVENT, {"node": self.node_id, "steps": self._steps, "losses": self._losses,
-                                       "total": self.total, "reset": reset}, srv.client_id)
+            srv.send_sync(LOSS_EVENT, data, srv.client_id)
         self._steps, self._losses = [], []

@@ -390,3 +390,26 @@ def test_nan_loss_stops_before_the_update():
     with net.attached(), pytest.raises(NaNLoss):
         tr.train_step()
     assert all(torch.equal(p, q) for p, q in zip(before, net.parameters(), strict=True))
+
+
+def test_ranks_split_one_global_batch_and_their_mean_loss_is_the_global_one():
+    """Data-parallel: each rank of two draws the same global batch as one process and takes its half; the
+    mean of the ranks' losses (what DDP's averaged gradients follow) is the one-process loss."""
+    whole, net, model = make(cfg(batch_size=4, cep_gamma=0.5, offset_noise=0.1))
+    ranks = [Trainer(whole.cfg, list(net.parameters()), model, whole.sigmas, whole.latents, whole.conds,
+                     whole.empty, shard=(r, 2)) for r in range(2)]
+    full = whole.batch(3, 0)
+    halves = [t.batch(3, 0) for t in ranks]
+    for name in ("indices", "x0", "noise", "x_in", "sigma", "target"):
+        assert torch.equal(torch.cat([getattr(h, name) for h in halves]), getattr(full, name)), name
+    for a, b in zip([row for h in halves for row in h.cond], full.cond, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        mean = sum(float(t.loss(h)) for t, h in zip(ranks, halves, strict=True)) / 2
+        assert mean == pytest.approx(float(whole.loss(full)), rel=1e-6)
+    with pytest.raises(TrainError, match="cannot be split evenly over 2 processes"):
+        Trainer(cfg(batch_size=3), list(net.parameters()), model, whole.sigmas, whole.latents, whole.conds,
+                shard=(0, 2))
+    # A bucket's last micro-batch of one row on two ranks: rank 0 takes part at weight 0, rank 1 counts twice.
+    assert ranks[0]._slice(1) == (slice(0, 1), 0.0) and ranks[1]._slice(1) == (slice(0, 1), 2.0)
+    assert ranks[0]._slice(3) == (slice(0, 1), 2 / 3) and ranks[1]._slice(3) == (slice(1, 3), 4 / 3)

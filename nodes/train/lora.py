@@ -16,6 +16,7 @@ from ..checked import CheckedNode
 from ..errors import InputError
 from ..inputs import MAX_SEED, float_input, int_input
 from ..plots import line_plot
+from . import distributed
 from . import model as tm
 from . import run as train_run
 from .lora_run import NODE, Run, dataset_from, train
@@ -56,7 +57,8 @@ class SupercondTrainLoRA(CheckedNode):
                 float_input("learning_rate", 1e-4, 1e-8, 1.0, 1e-6, "Learning rate (Prodigy: 1.0, a multiplier of the step size it estimates)."),
                 int_input("rank", 8, 1, 256, "LoRA rank (dimension of the low-rank update)."),
                 float_input("alpha", 8.0, 0.0, 1024.0, 0.5, "LoRA alpha; the update is scaled by alpha/rank."),
-                int_input("batch_size", 1, 1, 256, "Latents per micro-batch."),
+                int_input("batch_size", 1, 1, 256, "Latents per micro-batch (per process when scripts/train runs "
+                          "several: the batch is then this times the processes)."),
                 int_input("grad_accumulation", 1, 1, 1024, "Micro-batches per optimizer step (loss divided by it)."),
                 io.Combo.Input("prediction", options=["auto", *objective.PREDICTIONS], default="auto",
                                tooltip="Loss target: eps, v or flow. auto reads the model's sampling type."),
@@ -190,7 +192,8 @@ class SupercondTrainLoRA(CheckedNode):
         if trainer.val_losses:
             curves.append(("validation", [s for s, _ in trainer.val_losses], [v for _, v in trainer.val_losses]))
         plot = line_plot(curves, "training loss", "step", "loss", logy=True)
-        return io.NodeOutput(trained, str(path), plot, trained_clip, ui=ui.PreviewImage(plot, cls=cls))
+        shown = ui.PreviewImage(plot, cls=cls) if distributed.writes() else None  # a file in temp/: rank 0's
+        return io.NodeOutput(trained, str(path), plot, trained_clip, ui=shown)
 
 
 NODES: list[type[io.ComfyNode]] = [SupercondTrainLoRA]

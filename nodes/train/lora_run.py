@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,9 @@ from ...core.train import TrainConfig, Trainer, TrainError, stored_row
 from ...core.train_data import DataError, TrainData, split_validation
 from .. import family as fm
 from ..errors import InputError
+from . import distributed, text_encoder
 from . import model as tm
 from . import run as train_run
-from . import text_encoder
 from .previews import Previewer, default_cfg, grid, parse_prompts, row_conditioning
 
 log = logging.getLogger("supercond")
@@ -133,6 +133,9 @@ def train(model, data: Data, cfg: TrainConfig, run: Run) -> tuple[Path, Trainer,
     """The training run; returns (saved file, the trainer, the saved state dict in the export format)."""
     import comfy.model_management as mm
 
+    distributed.inputs_ready()
+    rank, world = distributed.shard()
+    cfg = replace(cfg, batch_size=cfg.batch_size * world)  # batch_size is per process; the state keeps the global
     mp = model.clone()
     with torch.inference_mode(False), torch.enable_grad(), ExitStack() as shared:
         mm.load_models_gpu([mp], force_full_load=True)
@@ -157,12 +160,13 @@ def train(model, data: Data, cfg: TrainConfig, run: Run) -> tuple[Path, Trainer,
         latents_in = [fm.latent_in(mp, t) for t in data.latents]
         flipped_in = [fm.latent_in(mp, t) for t in data.flipped] if data.flipped is not None else None
         try:
-            trainer = Trainer(cfg, list(net.parameters()), fm.ModelCall(mp, device), sigmas,
+            trainer = Trainer(cfg, list(net.parameters()), distributed.parallel(fm.ModelCall(mp, device), net, te_net),
+                              sigmas,
                               _pick(latents_in, keep),
                               rows, data.empty, device, text_parts=text_parts(fam), masks=_pick(data.masks, keep),
                               flipped=_pick(flipped_in, keep),
                               text_params=list(te_net.parameters()) if te_net is not None else (),
-                              encode_text=encode_text)
+                              encode_text=encode_text, shard=(rank, world), mean_across=distributed.mean_across())
             held_out = None
             if held:
                 first = [r[0] if isinstance(r, list) else r for r in data.rows]  # canonical caption, no flip
@@ -199,6 +203,8 @@ def train(model, data: Data, cfg: TrainConfig, run: Run) -> tuple[Path, Trainer,
             if run.export_format != "kohya":  # alpha / rank is folded into the up weights there
                 meta.pop("ss_network_alpha")
             out = f, exporter(kohya())
+            if rank:  # rank 0 writes; the others hold the same weights
+                return out
             save_atomic(*out, meta)
             if trainer.ema is not None:
                 out = tm.ema_file(f), weights()
@@ -206,10 +212,10 @@ def train(model, data: Data, cfg: TrainConfig, run: Run) -> tuple[Path, Trainer,
             torch_save_atomic(tm.state_file(f), trainer.state_dict())  # last: its presence means all are there
             return out
 
-        previews = make_previews(mp, run, data, trainer)
+        previews = make_previews(mp, run, data, trainer) if rank == 0 else None
 
         def after_step(n: int):
-            if held_out is not None and (n % run.validate_every == 0 or n == cfg.steps):
+            if held_out is not None and rank == 0 and (n % run.validate_every == 0 or n == cfg.steps):
                 log.info("supercond: step %d validation loss %.5f", n, trainer.validation_loss(held_out))
             if previews is not None and (n % run.sample_every == 0 or n == cfg.steps):
                 with trainer.ema_applied(), torch.no_grad():
@@ -225,7 +231,7 @@ def train(model, data: Data, cfg: TrainConfig, run: Run) -> tuple[Path, Trainer,
             last = train_run.run_steps(
                 lambda: trainer.train_step(between_micro=mm.throw_exception_if_processing_interrupted),
                 lambda: trainer.step, cfg.steps, save, run.save_every, run.node_id, last,
-                after_step=after_step, keep_last=run.keep_last)
+                after_step=after_step, keep_last=run.keep_last, writer=rank == 0)
         return last[0], trainer, last[1]
 
 

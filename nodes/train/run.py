@@ -45,7 +45,10 @@ def check_writable(folder: Path, what: str) -> None:
         probe.unlink()
     except OSError as e:
         raise InputError(f"cannot write {what} to {folder}: {e}") from e
-    sweep_stale_temps(folder)
+    from .distributed import writes
+
+    if writes():  # other ranks may run on other machines: process ids there say nothing about rank 0's
+        sweep_stale_temps(folder)
 
 
 _CHECKPOINT = re.compile(r"^(?P<stem>.+)_(?P<step>\d{6})(?:_ema)?\.safetensors$")  # a checkpoint or its EMA
@@ -82,7 +85,9 @@ def keep_newest(saved: Path, keep_last: int) -> list[Path]:
     return gone
 
 
-def _tidy(saved: Path, keep_last: int) -> None:
+def _tidy(saved: Path, keep_last: int, writer: bool = True) -> None:
+    if not writer:
+        return
     drop_older_states(saved)
     for p in keep_newest(saved, keep_last):
         log.info("supercond: keep_last %d: removed %s", keep_last, p.name)
@@ -90,7 +95,7 @@ def _tidy(saved: Path, keep_last: int) -> None:
 
 def run_steps(step: Callable[[], float], done: Callable[[], int], total: int, save: Callable[[], Saved],
               save_every: int, node_id: str | None, last: Saved | None = None, what: str = "training",
-              after_step: Callable[[int], Any] | None = None, keep_last: int = 0) -> Saved:
+              after_step: Callable[[int], Any] | None = None, keep_last: int = 0, writer: bool = True) -> Saved:
     """Call ``step`` (one optimizer step, returns its loss) until ``done()`` reaches ``total``, then save.
 
     - ComfyUI's progress bar and a throttled ``supercond.loss`` chart event after every step.
@@ -100,6 +105,8 @@ def run_steps(step: Callable[[], float], done: Callable[[], int], total: int, sa
       TrainError names the last good checkpoint.
     - ``after_step(n)`` (sample previews, validation) may return an image, shown live in the node.
     - ``keep_last``: older checkpoints are pruned after each save (keep_newest).
+    - ``writer`` False (ranks after the first of a data-parallel run): ``save`` writes nothing and nothing
+      is pruned or reported here.
     Returns what the last ``save()`` returned.
     """
     import comfy.model_management as mm
@@ -108,6 +115,7 @@ def run_steps(step: Callable[[], float], done: Callable[[], int], total: int, sa
     device = mm.get_torch_device()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    node_id = node_id if writer else None  # one progress bar and chart: rank 0's
     pbar = comfy.utils.ProgressBar(total, node_id=node_id)
     pbar.update_absolute(done())
     events = LossEvents(node_id, total)
@@ -118,19 +126,19 @@ def run_steps(step: Callable[[], float], done: Callable[[], int], total: int, sa
             events.add(n, loss, reset=n == 1)
             if save_every and n % save_every == 0 and n < total:
                 last = save()
-                _tidy(Path(last[0]), keep_last)
+                _tidy(Path(last[0]), keep_last, writer)
             preview = after_step(n) if after_step is not None else None
             pbar.update_absolute(n, preview=("PNG", preview, 1024) if preview is not None else None)  # Cancel
             if n % 10 == 0:
                 progress_text(f"step {n}/{total}  loss {loss:.4f}", node_id)
         last = save()
-        _tidy(Path(last[0]), keep_last)
+        _tidy(Path(last[0]), keep_last, writer)
     except NaNLoss as e:
         kept = f"; the last good checkpoint is {last[0]}" if last else "; no checkpoint was saved"
         raise TrainError(f"{e}: {what} stopped{kept}. Lower learning_rate or check the inputs.") from e
     except mm.InterruptProcessingException:
         saved: Any = save()
-        _tidy(Path(saved[0]), keep_last)
+        _tidy(Path(saved[0]), keep_last, writer)
         log.info("supercond: %s cancelled at step %d; saved %s", what, done(), saved[0])
         raise
     finally:

@@ -1,0 +1,152 @@
+"""scripts/train: the trainer node of a saved workflow outside the server, on one process or several
+(torchrun, gloo on this CPU). One process equals the node run by the server bit for bit; two processes
+with batch b each equal one with batch 2b, also across a resume from 2 to 1 process and from 1 to 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from prompts import set_inputs
+from safetensors.torch import load_file
+
+from supercond.tools import workflows
+from supercond.tools.paths import PACK_DIR
+
+pytestmark = [pytest.mark.comfy, pytest.mark.server]
+LR, STEPS = 1e-2, 2
+# The two-process run sums the same gradients in another order (float32). AdamW divides each gradient by
+# its running RMS, so an element whose gradient is near 0 turns that rounding into up to a few % of the
+# learning rate per step; the weights as a whole agree far closer (RELATIVE, on their norm).
+ATOL, RELATIVE = 0.05 * LR * STEPS, 1e-3
+
+
+@pytest.fixture(scope="module")
+def base_prompt(server) -> dict:
+    from supercond.tools.server import ComfyClient
+
+    info = ComfyClient(server.url).object_info()
+    wf = workflows.load(workflows.WORKFLOW_DIR / "lora_train.json")
+    p = workflows.shrink(workflows.retarget(workflows.to_api(wf, info)), size=64, max_steps=4)
+    p = set_inputs(p, "SupercondLoadDataset", resolution=64)
+    return set_inputs(p, "SupercondTrainLoRA", steps=STEPS, save_every=1, batch_size=2, learning_rate=LR)
+
+
+@pytest.fixture(scope="module")
+def straight(server, base_prompt, tmp_path_factory) -> str:
+    """The stem of the reference run: scripts/train with one process, batch 2 (no torchrun)."""
+    stem = f"one_{uuid.uuid4().hex[:6]}"
+    run_ok(server, tmp_path_factory.mktemp("straight"),
+           set_inputs(base_prompt, "SupercondTrainLoRA", filename_prefix=f"supercond_test/{stem}"))
+    return stem
+
+
+def comfy_options(server) -> list[str]:
+    w = server.workdir
+    return ["--extra-model-paths-config", str(w / "extra_model_paths.yaml"), "--input-directory", str(w / "input"),
+            "--output-directory", str(w / "output"), "--temp-directory", str(w / "temp"),
+            "--user-directory", str(w / "user")]
+
+
+def train(server, tmp_path: Path, prompt: dict, *options: str) -> subprocess.CompletedProcess:
+    path = tmp_path / f"{uuid.uuid4().hex[:8]}.json"
+    path.write_text(json.dumps(prompt))
+    return subprocess.run([str(PACK_DIR / "scripts" / "train"), str(path), *options, "--", *comfy_options(server)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def run_ok(server, tmp_path, prompt, *options) -> None:
+    r = train(server, tmp_path, prompt, *options)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def weights(folder: Path, stem: str, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / f"{stem}_{step:06d}.safetensors"))
+
+
+def state_params(folder: Path, stem: str, step: int) -> list[torch.Tensor]:
+    return torch.load(folder / f"{stem}_{step:06d}.state.pt", weights_only=True)["params"]
+
+
+def assert_close(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+        assert float((x - y).norm()) <= RELATIVE * float(y.norm()) + 1e-12
+
+
+def test_one_process_is_the_node_bit_for_bit_and_two_processes_equal_twice_the_batch(server, base_prompt, tmp_path,
+                                                                                     straight):
+    from supercond.tools.server import ComfyClient
+
+    folder = server.loras_dir / "supercond_test"
+    tag = uuid.uuid4().hex[:6]
+    node = set_inputs(base_prompt, "SupercondTrainLoRA", filename_prefix=f"supercond_test/node_{tag}")
+    r = ComfyClient(server.url).run(node)
+    assert r.status == "success", r.error
+    a, b = weights(folder, f"node_{tag}", 2), weights(folder, straight, 2)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(x, y) for x, y in zip(state_params(folder, f"node_{tag}", 2),
+                                                  state_params(folder, straight, 2), strict=True))
+
+    two = set_inputs(base_prompt, "SupercondTrainLoRA", filename_prefix=f"supercond_test/two_{tag}", batch_size=1)
+    run_ok(server, tmp_path, two, "--processes", "2")
+    moved = max((b[k].float() - weights(folder, straight, 1)[k].float()).abs().max() for k in a)
+    assert moved > 1e-3  # the steps changed the weights: the comparison below means something
+    assert_close(state_params(folder, f"two_{tag}", 2), state_params(folder, straight, 2))
+    losses = [torch.load(folder / f"{s}_000002.state.pt", weights_only=True)["losses"] for s in (straight, f"two_{tag}")]
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), atol=1e-5, rtol=0)
+    for k, v in weights(folder, f"two_{tag}", 2).items():  # the saved float16 files: within rounding
+        torch.testing.assert_close(v.float(), b[k].float(), atol=ATOL, rtol=1e-3)
+
+
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+def test_a_run_resumes_on_another_number_of_processes(server, base_prompt, tmp_path, straight, first, then):
+    folder = server.loras_dir / "supercond_test"
+    tag = uuid.uuid4().hex[:6]
+
+    def part(processes: int, steps: int, stem: str, resume: bool) -> None:
+        p = set_inputs(base_prompt, "SupercondTrainLoRA", filename_prefix=f"supercond_test/{stem}", steps=steps,
+                       batch_size=2 // processes, resume=resume)
+        run_ok(server, tmp_path, p, "--processes", str(processes))
+
+    part(first, 1, f"resumed_{tag}", False)
+    part(then, 2, f"resumed_{tag}", True)
+    assert_close(state_params(folder, f"resumed_{tag}", 2), state_params(folder, straight, 2))
+
+
+def test_the_workflow_is_checked_before_anything_runs(server, base_prompt, tmp_path):
+    """--dry-run prints the API prompt of a UI-format workflow as the editor would queue it; a bad value and
+    a workflow without a trainer are refused with a sentence, before any training."""
+    from supercond.tools.server import ComfyClient
+
+    wf = workflows.load(workflows.WORKFLOW_DIR / "lora_train.json")
+    path = tmp_path / "ui.json"
+    path.write_text(json.dumps(wf))
+
+    def dry_run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(PACK_DIR / "scripts" / "train"), str(path), "--dry-run", "--",
+                               *comfy_options(server), *extra], capture_output=True, text=True, timeout=300)
+
+    r = dry_run()  # the example names SD1.5's usual file, which this machine does not have
+    assert r.returncode == 2 and "CheckpointLoaderSimple" in r.stderr and "v1-5-pruned-emaonly-fp16" in r.stderr
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "v1-5-pruned-emaonly-fp16.safetensors").symlink_to(server.models_dir / "checkpoints" /
+                                                                          "supercond_sd15_tiny.safetensors")
+    (tmp_path / "more.yaml").write_text(f"more:\n    base_path: {tmp_path}\n    checkpoints: ckpt\n")
+    r = dry_run("--extra-model-paths-config", str(tmp_path / "more.yaml"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    printed = json.loads(r.stdout.strip().splitlines()[-1])
+    assert printed["prompt"] == workflows.to_api(wf, ComfyClient(server.url).object_info())
+    assert printed["prompt"][printed["node"]]["class_type"] == "SupercondTrainLoRA"
+
+    bad = set_inputs(base_prompt, "SupercondTrainLoRA", cep_gamma=-1.0)
+    r = train(server, tmp_path, bad, "--processes", "2")
+    assert r.returncode != 0 and "cep_gamma is -1.0: it must be between 0.0 and 100.0" in r.stderr
+    none = {k: v for k, v in base_prompt.items() if v["class_type"] != "SupercondTrainLoRA"}
+    r = train(server, tmp_path, none)
+    assert r.returncode == 2 and "the workflow has no trainer nodes" in r.stderr
