@@ -150,3 +150,53 @@ def test_the_workflow_is_checked_before_anything_runs(server, base_prompt, tmp_p
     none = {k: v for k, v in base_prompt.items() if v["class_type"] != "SupercondTrainLoRA"}
     r = train(server, tmp_path, none)
     assert r.returncode == 2 and "the workflow has no trainer nodes" in r.stderr
+
+
+def test_a_killed_rank_stops_the_others_and_the_last_checkpoint_loads(server, base_prompt, tmp_path):
+    """SIGKILL to rank 1 mid-run: torchrun stops rank 0 within seconds and its report names rank 1; the
+    newest checkpoint (written by rank 0 through a temporary file) loads, and no temporary file remains."""
+    import os
+    import signal
+    import time
+
+    folder = server.loras_dir / "supercond_test"
+    stem = f"kill_{uuid.uuid4().hex[:6]}"
+    p = set_inputs(base_prompt, "SupercondTrainLoRA", filename_prefix=f"supercond_test/{stem}", steps=100_000,
+                   batch_size=1)
+    path = tmp_path / "kill.json"
+    path.write_text(json.dumps(p))
+    proc = subprocess.Popen([str(PACK_DIR / "scripts" / "train"), str(path), "--processes", "2", "--",
+                             *comfy_options(server)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(folder.glob(stem + "_*.safetensors"))) < 3 and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        rank1 = next(pid for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()) if pid != proc.pid and _rank_of(pid) == "1")
+        os.kill(rank1, signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        stopped = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and stopped < 30, stopped
+    assert "rank      : 1" in err and "SIGKILL" in err and "set resume on to continue" in err
+    newest = sorted(folder.glob(stem + "_*.safetensors"))[-1]
+    assert any(k.endswith("lora_up.weight") for k in load_file(str(newest)))
+    states = sorted(folder.glob(stem + "_*.state.pt"))
+    assert states and torch.load(states[-1], weights_only=True)["step"] >= 3
+    assert not list(folder.glob(".tmp_*"))
+
+
+def _rank_of(pid: int) -> str | None:
+    """RANK in the environment of a scripts/train rank process, else None."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"train_cli.py\0--rank" not in cmd or b"torch.distributed.run" in cmd:
+            return None
+        env = dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v)
+    except OSError:
+        return None
+    return env.get(b"RANK", b"").decode() or None

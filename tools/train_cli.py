@@ -78,7 +78,13 @@ def launch(argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(opts.processes),
            *torchrun_opts, str(Path(__file__).resolve()), "--rank", *rank_args, "--", *comfy_args]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", _threads(opts.processes))}
-    return subprocess.call(cmd, env=env)
+    code = subprocess.call(cmd, env=env)
+    if code:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        log.error("scripts/train: training stopped: a process failed or was killed (torchrun's report above "
+                  "names it under 'Root Cause'; torchrun stopped the others). Rank 0 writes every file through a "
+                  "temporary file, so the newest checkpoint is whole: set resume on to continue from it.")
+    return code
 
 
 def _threads(processes: int) -> str:
