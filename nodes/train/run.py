@@ -8,6 +8,7 @@ import glob
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -119,9 +120,11 @@ def run_steps(step: Callable[[], float], done: Callable[[], int], total: int, sa
     pbar = comfy.utils.ProgressBar(total, node_id=node_id)
     pbar.update_absolute(done())
     events = LossEvents(node_id, total)
+    stamps: list[float] = []  # when each step of this run ended
     try:
         while done() < total:
             loss = step()
+            stamps.append(time.perf_counter())
             n = done()
             events.add(n, loss, reset=n == 1)
             if save_every and n % save_every == 0 and n < total:
@@ -143,6 +146,9 @@ def run_steps(step: Callable[[], float], done: Callable[[], int], total: int, sa
         raise
     finally:
         events.flush()
+        if len(stamps) > 1:  # the first step warms up allocators and thread pools: timed apart
+            log.info("supercond: %s: %d steps, %.4f s a step after the first", what, len(stamps),
+                     (stamps[-1] - stamps[0]) / (len(stamps) - 1))
         log.info("supercond: %s peak memory: %s", what, peak_memory(device))
     return last
 
