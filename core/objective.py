@@ -78,7 +78,7 @@ def loss_weight(weighting: str, prediction: str, sigma: torch.Tensor, gamma: flo
     min(SNR, gamma)/(SNR+1) on v, t^2 min(SNR, gamma) = min((1-t)^2, gamma t^2) on flow.
     debiased (Yu et al.): x0-space weight sqrt(SNR), SNR clamped at 1000, i.e. 1/sqrt(SNR) on eps
     (kohya), sqrt(SNR)/(SNR+1) on v (the exact translation; kohya uses 1/(SNR+1), OneTrainer
-    1/sqrt(SNR+1)), t(1-t) on flow.
+    1/sqrt(SNR+1)), t^2 sqrt(SNR) on flow: t(1-t) for t above ~0.031, where SNR stays under the clamp.
     """
     _check(prediction)
     if weighting == "none":
@@ -100,7 +100,7 @@ def loss_weight(weighting: str, prediction: str, sigma: torch.Tensor, gamma: flo
             return 1.0 / torch.sqrt(rc)
         if prediction == "v":
             return torch.sqrt(rc) / (rc + 1.0)
-        return t * (1.0 - t)
+        return t * t * torch.sqrt(rc)  # = t(1 - t) until SNR reaches the clamp (t below ~0.031)
     raise ObjectiveError(f"loss_weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 

@@ -41,7 +41,7 @@ def check_writable(folder: Path, what: str) -> None:
     """Refuse an unwritable folder before any work; sweep the temporary files a killed run left there."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".supercond_write_test"
+        probe = folder / f".supercond_write_test_{os.getpid()}"  # own name: ranks of one run probe at once
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
