@@ -34,9 +34,11 @@ class ScheduleError(ValueError):
 def spacing_timesteps(spacing: str, steps: int, num_timesteps: int = 1000) -> torch.Tensor:
     """Descending 0-indexed model timesteps for ``steps`` sampling steps (Lin et al. 2023, Table 2).
 
-    trailing: round(arange(T, 0, -T/S)) - 1 -> 999, 899, ..., 99 (T=1000, S=10; ComfyUI "simple")
-    leading:  arange(S) * (T//S) + 1, flipped -> 901, 801, ..., 1 (SD's DDIM, steps_offset 1;
-              ComfyUI "ddim_uniform"); never starts at the noisiest timestep
+    trailing: round(arange(T, 0, -T/S)) - 1 -> 999, 899, ..., 99 (T=1000, S=10; ComfyUI's "simple" when
+              S divides T: simple floors where this rounds)
+    leading:  arange(S) * (T//S) + 1, flipped -> 901, 801, ..., 1 (SD's DDIM, steps_offset 1; ComfyUI's
+              "ddim_uniform" through BasicScheduler at every S from 1 to 100, measured on 0.3.64); never
+              starts at the noisiest timestep
     linspace: round(linspace(T-1, 0, S)) -> 999, 888, ..., 0 (iDDPM)
     """
     _check_steps(steps)

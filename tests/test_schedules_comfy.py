@@ -204,6 +204,23 @@ def test_schedule_sigmas_on_the_fixtures(comfy, fixture_checkpoints):
     leading = S.execute(fam.model, 10, "leading", False, "as_scheduled", 136.0).result[0]
     ddim = cs.BasicScheduler().get_sigmas(fam.model, "ddim_uniform", 10, 1.0)[0]
     assert torch.allclose(leading, ddim, rtol=1e-5)
+    # Across step counts: trailing equals ComfyUI's simple only when the step count divides 1000 (simple floors
+    # i*1000/steps where trailing rounds); leading equals ddim_uniform (through BasicScheduler) at every count.
+    unlike_simple, unlike_ddim = [], []
+    for steps in range(1, 101):
+        ours = S.execute(fam.model, steps, "trailing", False, "as_scheduled", 136.0).result[0]
+        theirs = cs.BasicScheduler().get_sigmas(fam.model, "simple", steps, 1.0)[0]
+        assert len(ours) == steps + 1 and float(ours[0]) == pytest.approx(float(fam.model.get_model_object(
+            "model_sampling").sigmas[-1]), rel=1e-6)  # trailing always starts at the noisiest timestep
+        if not (len(theirs) == len(ours) and torch.allclose(ours, theirs, rtol=1e-5)):
+            unlike_simple.append(steps)
+        ours = S.execute(fam.model, steps, "leading", False, "as_scheduled", 136.0).result[0]
+        theirs = cs.BasicScheduler().get_sigmas(fam.model, "ddim_uniform", steps, 1.0)[0]
+        if not (len(theirs) == len(ours) and torch.allclose(ours, theirs, rtol=1e-5)):
+            unlike_ddim.append(steps)
+    divisors = [n for n in range(1, 101) if 1000 % n == 0]
+    assert not set(divisors) & set(unlike_simple + unlike_ddim)
+    assert (len(unlike_simple), unlike_ddim) == (89, [])  # the README's numbers
     z = S.execute(fam.model, 10, "trailing", True, "set", 136.0).result[0]
     assert float(z[0]) == 136.0 and float(z[-1]) == 0.0
     zfull = S.execute(fam.model, 10, "trailing", True, "as_scheduled", 136.0).result[0]

@@ -69,7 +69,8 @@ class SupercondScheduleSigmas(CheckedNode):
                 io.Model.Input("model"),
                 io.Int.Input("steps", default=10, min=1, max=1000, tooltip="Number of sampling steps."),
                 io.Combo.Input("spacing", options=list(sched.SPACINGS), default="trailing",
-                               tooltip="trailing: 999, 899, ..., 99 for 10 steps (= ComfyUI 'simple'; recommended). "
+                               tooltip="trailing: 999, 899, ..., 99 for 10 steps (recommended; equals ComfyUI 'simple' when "
+                                       "1000 is a multiple of steps, and always starts at the noisiest timestep). "
                                        "leading: 901, ..., 1 (SD's DDIM, = 'ddim_uniform'; never starts at pure noise). "
                                        "linspace: 999, 888, ..., 0 (iDDPM). karras / exponential: in sigma, between "
                                        "the model's sigma_min and sigma_max."),
