@@ -47,7 +47,7 @@ class Settings:
     seed: int = 0
 
 
-QUICK = Settings(prompts=24, storm_interrupts=2, quick=True)
+QUICK = Settings(prompts=36, storm_interrupts=2, quick=True)
 
 
 def run(parts: tuple[str, ...], settings: Settings, workdir: Path) -> list[Row]:
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/stress", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the CI miniature: fewer prompts, files and faults")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
-    ap.add_argument("--prompts", type=int, help="hostile prompts for the fuzzer (default 2000; quick 24)")
+    ap.add_argument("--prompts", type=int, help="hostile prompts for the fuzzer (default 2000; quick 36)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, help="where the servers live (default: a temporary folder)")
     args = ap.parse_args(argv)
