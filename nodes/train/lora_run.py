@@ -203,8 +203,8 @@ def train(model, data: Data, cfg: TrainConfig, run: Run) -> tuple[Path, Trainer,
             if run.export_format != "kohya":  # alpha / rank is folded into the up weights there
                 meta.pop("ss_network_alpha")
             out = f, exporter(kohya())
-            if rank:  # rank 0 writes; the others hold the same weights
-                return out
+            if rank:  # rank 0 writes; the others hold the same weights and return what rank 0 returns
+                return (tm.ema_file(f), weights()) if trainer.ema is not None else out
             save_atomic(*out, meta)
             if trainer.ema is not None:
                 out = tm.ema_file(f), weights()
