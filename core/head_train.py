@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -36,6 +36,14 @@ Teach = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]]
 # (features, x, sigma) -> the head's uncond x0, with grad
 Head = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Across(Protocol):
+    """What a run on several processes exchanges each step (nodes/train/distributed.py: torch.distributed)."""
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor: ...  # the average over the processes
+    def average_grads(self, params: list[torch.nn.Parameter]) -> None: ...  # in place; a missing grad counts 0
+    def gather(self, part: torch.Tensor, total: int) -> torch.Tensor: ...  # every process's rows, in rank order
 
 
 @dataclass
@@ -168,6 +176,10 @@ class HeadTrainer:
       cond output, rolled ones train the head and, through the shared features, the backbone too.
       Without it the backbone is frozen (no grad) and the cond term trains nothing.
 
+    ``shard`` (rank, processes) with ``across``: data-parallel. Every process draws the global batch (and
+    holds the whole trajectory pool, advanced alike from the gathered guided predictions), runs the model
+    on its rows only, and the gradients are averaged over the processes before clipping.
+
     Head and backbone gradients are clipped separately, so the backbone's gradient (from every
     sample) never scales the head's step, which then depends on the rolled samples only.
     """
@@ -176,7 +188,8 @@ class HeadTrainer:
                  sigma_table: torch.Tensor, *, teach: Teach | None = None, forward: Forward | None = None,
                  latents: torch.Tensor | None = None, captions: torch.Tensor | None = None, n_prompts: int = 1,
                  pool: TrajectoryPool | None = None, backbone: Sequence[torch.nn.Parameter] = (),
-                 device: torch.device | str = "cpu", n_negatives: int = 1) -> None:
+                 device: torch.device | str = "cpu", n_negatives: int = 1, shard: tuple[int, int] = (0, 1),
+                 across: Across | None = None) -> None:
         cfg.validate()
         if backbone and cfg.mode != "gist":
             raise ho.HeadTrainError("only gist mode trains the model itself; distill keeps it frozen (its LoRA, "
@@ -199,9 +212,24 @@ class HeadTrainer:
         self.groups = [g for g in (self.params, self.backbone) if g]
         self.optimizer = torch.optim.AdamW([{"params": g} for g in self.groups], lr=cfg.learning_rate,
                                            weight_decay=0.0)
+        self.shard, self.across = shard, across
+        if shard[1] > 1 and across is None:
+            raise ho.HeadTrainError("a run on several processes needs their communication (across)")
         self.step = 0
         self.losses: list[float] = []
         self.head_samples = 0  # gist: samples that supervised the head (swapped captions), over the run
+
+    def _mine(self, n: int) -> tuple[slice, float]:
+        """This process's rows of a global batch of ``n`` (torch.tensor_split's parts, in rank order) and
+        the factor that makes its mean loss count by its share: averaged over the processes, the factored
+        losses (and their gradients) are the global batch's mean."""
+        rank, world = self.shard
+        if n < world:
+            raise ho.HeadTrainError(f"a batch of {n} cannot be split over {world} processes: raise batch_size "
+                                    "(or the LATENT's batch) to at least the number of processes")
+        sizes = [len(part) for part in torch.tensor_split(torch.arange(n), world)]
+        start = sum(sizes[:rank])
+        return slice(start, start + sizes[rank]), sizes[rank] * world / n
 
     def _native(self, x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return obj.native_prediction(self.cfg.prediction, x.float(), x0.float(), sigma.float())
@@ -229,15 +257,20 @@ class HeadTrainer:
             scale = ho.sample_scales(len(idx), cfg.cfg_min, cfg.cfg_max, g)
             prompt = idx if self.n_prompts == n else torch.randint(self.n_prompts, (len(idx),), generator=g)
             negative = torch.randint(self.n_negatives, (len(idx),), generator=seeded_generator(cfg.seed, _NEGATIVE, step))
+        n = len(x)  # every process draws the global batch (and holds the whole pool); each takes its rows
+        part, share = self._mine(n)
+        x, sigma, scale, prompt, negative = (t[part] for t in (x, sigma, scale, prompt, negative))
         with torch.no_grad():
             cond, uncond, feats = self.teach(x, sigma, prompt, negative)
         u_hat = self.head(feats, x, sigma)
         loss = ho.distill_loss(self._native(u_hat, x, sigma), self._native(uncond, x, sigma), scale,
-                               cfg.cfg_min, cfg.cfg_max)
+                               cfg.cfg_min, cfg.cfg_max) * share
         guided = None
         if self.pool is not None:
             s = scale.to(cond.device).view(-1, *[1] * (cond.dim() - 1))
             guided = ho.guided(cond.float(), uncond.float(), s)
+            if self.across is not None:  # every process advances the whole pool alike
+                guided = self.across.gather(guided, n)
         return loss, guided
 
     def gist_loss(self, step: int) -> torch.Tensor:
@@ -247,11 +280,13 @@ class HeadTrainer:
         captions, rolled = ho.swap_captions(self.captions[idx], self.captions, cfg.rolled_fraction, g)
         self.head_samples += int(rolled.sum())
         x, sigma, target = self._noised(idx, g)
+        part, share = self._mine(len(idx))
+        x, sigma, target, captions, rolled = (t[part] for t in (x, sigma, target, captions, rolled))
         # A frozen backbone gets no graph: its cond term carries no gradient then.
         with torch.set_grad_enabled(bool(self.backbone)):
             cond, feats = self.forward(x, sigma, captions)
         u_hat = self.head(feats, x, sigma)
-        return ho.gist_loss(self._native(cond, x, sigma), self._native(u_hat, x, sigma), target, rolled)
+        return ho.gist_loss(self._native(cond, x, sigma), self._native(u_hat, x, sigma), target, rolled) * share
 
     def train_step(self) -> float:
         """One optimizer step. Raises NaNLoss before stepping (the head stays as it was)."""
@@ -266,10 +301,12 @@ class HeadTrainer:
             loss, guided = self.distill_loss(self.step)
         else:
             loss = self.gist_loss(self.step)
-        value = float(loss.detach())
-        if not math.isfinite(value):
+        value = float(loss.detach() if self.across is None else self.across.mean(loss.detach()))
+        if not math.isfinite(value):  # the same on every process: all stop together
             raise NaNLoss(self.step)
         loss.backward()
+        if self.across is not None:
+            self.across.average_grads([p for group in self.groups for p in group])
         if self.cfg.max_grad_norm > 0:
             for group in self.groups:
                 torch.nn.utils.clip_grad_norm_(group, self.cfg.max_grad_norm)

@@ -14,6 +14,7 @@ log = logging.getLogger("supercond")
 
 LOSS_EVENT = "supercond.loss"
 PROGRESS_TEXT = "supercond.progress_text"
+TRAINED_EVENT = "supercond.trained"  # a trainer's result, for scripts/train's caller only (never the frontend)
 _listeners: list[Callable[[str, dict], None]] = []
 
 
@@ -33,6 +34,22 @@ def _server():
     except ImportError:
         return None
     return getattr(PromptServer, "instance", None)
+
+
+def trained(data: dict) -> None:
+    """A trainer finished: its file and losses, handed to the listeners only (the node that started
+    scripts/train reads them from the rank's output)."""
+    _tell(TRAINED_EVENT, data)
+
+
+def relay(event: str, data: dict, node_id: str | None) -> None:
+    """Send an event that a training subprocess reported as if this process had raised it, for ``node_id``."""
+    if event == PROGRESS_TEXT:
+        progress_text(data.get("text", ""), node_id)
+        return
+    srv = _server()
+    if event == LOSS_EVENT and srv is not None and node_id is not None:
+        srv.send_sync(LOSS_EVENT, {**data, "node": node_id}, srv.client_id)
 
 
 def progress_text(text: str, node_id: str | None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -330,3 +332,101 @@ def test_swapped_captions_ignore_the_image_even_on_a_tiny_dataset():
     with pytest.raises(ho.HeadTrainError, match="at least 2 different captions"):
         ho.swap_captions(torch.tensor([3, 3]), torch.tensor([3, 3]), 0.1, g)
 
+
+
+class _Lockstep:
+    """Processes of a data-parallel run played by threads: what ``Across`` exchanges, through a barrier
+    (nodes/train/distributed.py does it with torch.distributed; tests/test_train_distributed.py runs that)."""
+
+    def __init__(self, world: int) -> None:
+        self.world, self.barrier, self.slots = world, threading.Barrier(world), [None] * world
+
+    def rank(self, r: int):
+        hub = self
+
+        class Across:
+            def _swap(self, value):
+                hub.slots[r] = value
+                hub.barrier.wait()
+                got = list(hub.slots)
+                hub.barrier.wait()
+                return got
+
+            def mean(self, value):
+                return sum(self._swap(value.clone())) / hub.world
+
+            def average_grads(self, params):
+                got = self._swap([p.grad.clone() for p in params])
+                for i, p in enumerate(params):
+                    p.grad = sum(g[i] for g in got) / hub.world
+
+            def gather(self, part, total):
+                return torch.cat(self._swap(part))
+
+        return Across()
+
+
+def _in_lockstep(make, world: int, steps: int) -> list:
+    """``make(rank, across)`` -> trainer, run ``steps`` steps on ``world`` threads; returns the trainers."""
+    hub = _Lockstep(world)
+    trainers = [make(r, hub.rank(r)) for r in range(world)]
+    failed = []
+
+    def run(t):
+        try:
+            for _ in range(steps):
+                t.train_step()
+        except Exception as e:  # noqa: BLE001 - reported below
+            failed.append(e)
+            hub.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in trainers]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert not failed, failed
+    return trainers
+
+
+def test_two_processes_with_half_the_batch_each_train_the_head_as_one_with_the_whole():
+    """distill on the trajectory pool (each process runs its chains, every process advances the whole pool)
+    and gist with a LoRA on the model: two processes of 2 samples give one process's 4-sample run, losses
+    and weights, within float rounding (the mean is summed in another order)."""
+    toy, steps = Toy(), 6
+    cfg = HeadTrainConfig("distill", steps, 3e-2, 3.0, 9.0, 0, 4, "eps")
+
+    def distill(rank, across, world):
+        head = toy.head()
+        pool = TrajectoryPool(SIGMAS, 4, (2, 3, 3), lambda z: z * 8.0, 1, 3.0, 9.0, 0)
+        return HeadTrainer(cfg, list(head.parameters()), lambda f, x, s: head(f), torch.tensor([1.0]),
+                           teach=toy.teach, pool=pool, shard=(rank, world), across=across)
+
+    one = distill(0, None, 1)
+    for _ in range(steps):
+        one.train_step()
+    two = _in_lockstep(lambda r, a: distill(r, a, 2), 2, steps)
+    for t in two:
+        assert t.losses == pytest.approx(one.losses, rel=1e-5)
+        torch.testing.assert_close(t.params[0], one.params[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(t.pool.x, one.pool.x, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(one.params[0], toy.head().weight)  # it trained: the comparison means something
+
+    def gist(rank, across, world):
+        g = GistToy()
+        cfg = HeadTrainConfig("gist", steps, 1e-2, 3.0, 9.0, SEED_ROLLED, 4, "eps", 0.0)
+        t = HeadTrainer(cfg, [g.h], g.head, torch.tensor([0.5, 1.0, 2.0]), forward=g.forward, latents=LATENTS,
+                        captions=torch.arange(4), backbone=[g.a, g.b], shard=(rank, world), across=across)
+        t.toy = g
+        return t
+
+    one = gist(0, None, 1)
+    for _ in range(steps):
+        one.train_step()
+    two = _in_lockstep(lambda r, a: gist(r, a, 2), 2, steps)
+    for t in two:
+        assert t.losses == pytest.approx(one.losses, rel=1e-5)
+        for name in ("a", "b", "h"):
+            torch.testing.assert_close(getattr(t.toy, name), getattr(one.toy, name), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ho.HeadTrainError, match="cannot be split over 8 processes"):
+        distill(0, two[0].across, 8).train_step()

@@ -5,13 +5,15 @@ with batch b each equal one with batch 2b, also across a resume from 2 to 1 proc
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from prompts import set_inputs
+from prompts import find, pixels, set_inputs
 from safetensors.torch import load_file
 
 from supercond.tools import workflows
@@ -72,11 +74,11 @@ def state_params(folder: Path, stem: str, step: int) -> list[torch.Tensor]:
     return torch.load(folder / f"{stem}_{step:06d}.state.pt", weights_only=True)["params"]
 
 
-def assert_close(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+def assert_close(a: list[torch.Tensor], b: list[torch.Tensor], atol: float = ATOL, relative: float = RELATIVE) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
-        torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
-        assert float((x - y).norm()) <= RELATIVE * float(y.norm()) + 1e-12
+        torch.testing.assert_close(x, y, atol=atol, rtol=0)
+        assert float((x - y).norm()) <= relative * float(y.norm()) + 1e-12
 
 
 def test_one_process_is_the_node_bit_for_bit_and_two_processes_equal_twice_the_batch(server, base_prompt, tmp_path,
@@ -156,7 +158,6 @@ def test_the_workflow_is_checked_before_anything_runs(server, base_prompt, tmp_p
 def test_a_killed_rank_stops_the_others_and_the_last_checkpoint_loads(server, base_prompt, tmp_path):
     """SIGKILL to rank 1 mid-run: torchrun stops rank 0 within seconds and its report names rank 1; the
     newest checkpoint (written by rank 0 through a temporary file) loads, and no temporary file remains."""
-    import os
     import signal
     import time
 
@@ -201,3 +202,124 @@ def _rank_of(pid: int) -> str | None:
     except OSError:
         return None
     return env.get(b"RANK", b"").decode() or None
+
+
+def _saved_image(client, result, prompt) -> np.ndarray:
+    return [pixels(png) for node, png in client.images(result) if prompt[node]["class_type"] == "SaveImage"][0]
+
+
+def _said(error) -> str:
+    return error.get("exception_message", error) if isinstance(error, dict) else error
+
+
+def _ranks_alive() -> list[int]:
+    return [pid for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()) if _rank_of(pid) is not None]
+
+
+def test_the_node_with_two_processes_shows_progress_and_its_model_is_the_saved_file(server, base_prompt, straight):
+    """processes 2 on the node through the server: scripts/train runs the prompt on two ranks, the node's
+    progress bar and live chart get every step, the LoRA equals the one-process batch-2 run within the
+    stated tolerance, and the output MODEL samples as the stock LoraLoader on the saved file."""
+    from supercond.tools.server import ComfyClient
+
+    client = ComfyClient(server.url)
+    folder = server.loras_dir / "supercond_test"
+    stem = f"node2_{uuid.uuid4().hex[:6]}"
+    prompt = set_inputs(base_prompt, "SupercondTrainLoRA", filename_prefix=f"supercond_test/{stem}", batch_size=1,
+                        processes=2)
+    trainer = find(prompt, "SupercondTrainLoRA")
+    r = client.run(prompt)
+    assert r.status == "success", _said(r.error)
+    assert not _ranks_alive()
+    bar = [e["data"]["value"] for e in r.events if e.get("type") == "progress" and e["data"].get("node") == trainer]
+    assert bar and bar[-1] == STEPS and bar == sorted(bar)
+    chart = [s for d in r.of_type("supercond.loss") if d["node"] == trainer for s in d["steps"]]
+    assert chart == list(range(1, STEPS + 1))
+    assert r.outputs[trainer]["images"]  # the loss plot, shown in the node
+    assert_close(state_params(folder, stem, STEPS), state_params(folder, straight, STEPS))
+
+    name = f"supercond_test/{stem}_{STEPS:06d}.safetensors"
+    stock = {k: v for k, v in prompt.items() if v["class_type"] not in ("SupercondTrainLoRA", "PreviewImage",
+                                                                         "SupercondLoadDataset")}
+    ck = find(stock, "CheckpointLoaderSimple")
+    stock["900"] = {"class_type": "LoraLoader", "inputs": {"model": [ck, 0], "clip": [ck, 1], "lora_name": name,
+                                                           "strength_model": 1.0, "strength_clip": 0.0}}
+    stock[find(stock, "KSampler")]["inputs"]["model"] = ["900", 0]
+    r2 = client.run(stock)
+    assert r2.status == "success", r2.error
+    assert np.array_equal(_saved_image(client, r, prompt), _saved_image(client, r2, stock))
+
+
+def test_cancel_stops_every_rank_and_keeps_the_last_checkpoint(server, base_prompt):
+    """/interrupt while the node trains on two processes: the prompt ends interrupted within seconds, no rank
+    is left running, no temporary file is left, and the newest checkpoint loads."""
+    import threading
+    import time
+
+    from supercond.tools.server import ComfyClient
+
+    client = ComfyClient(server.url)
+    folder = server.loras_dir / "supercond_test"
+    stem = f"cancel2_{uuid.uuid4().hex[:6]}"
+    prompt = set_inputs(base_prompt, "SupercondTrainLoRA", filename_prefix=f"supercond_test/{stem}", batch_size=1,
+                        processes=2, steps=100_000)
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.setdefault("r", client.run(prompt, timeout=600)))
+    t.start()
+    deadline = time.monotonic() + 300
+    while len(list(folder.glob(stem + "_*.safetensors"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _ranks_alive(), "the ranks should be training now"
+    sent = time.monotonic()
+    client.interrupt()
+    t.join(timeout=120)
+    assert box["r"].status == "interrupted", box["r"].error
+    stopped = next(at for e, at in zip(box["r"].events, box["r"].arrived, strict=True)
+                   if e["type"] == "execution_interrupted")
+    assert stopped - sent < 30
+    assert not _ranks_alive()
+    assert not list(folder.glob(".tmp_*"))
+    newest = sorted(folder.glob(stem + "_*.safetensors"))[-1]
+    assert any(k.endswith("lora_up.weight") for k in load_file(str(newest)))
+
+
+def test_the_head_trainer_on_two_processes_equals_one_with_twice_the_batch(server):
+    """SupercondTrainHead (distill, a trajectory pool of 2 chains, last_block head with a LoRA) with processes 2
+    (a chain each) through the server, against the node in the server (both chains): the saved heads and their losses agree
+    within the LoRA test's tolerance, and the node shows progress and returns the saved head."""
+    from supercond.tools.server import ComfyClient
+
+    client = ComfyClient(server.url)
+    wf = workflows.load(workflows.WORKFLOW_DIR / "singlepass_distill.json")
+    base = workflows.shrink(workflows.retarget(workflows.to_api(wf, client.object_info())), size=64, max_steps=4)
+    base["901"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}}
+    # an empty LATENT sets the trajectories' size and number (the whole run's, whatever the processes)
+    base = set_inputs(base, "SupercondTrainHead", steps=STEPS, save_every=1, learning_rate=LR, latent=["901", 0])
+    trainer = find(base, "SupercondTrainHead")
+    tag = uuid.uuid4().hex[:6]
+    runs = {}
+    for name, processes in (("one", 1), ("two", 2)):
+        p = set_inputs(base, "SupercondTrainHead", filename_prefix=f"supercond_test/head{name}_{tag}",
+                       processes=processes)
+        r = client.run(p)
+        assert r.status == "success", _said(r.error)
+        runs[name] = r
+    assert not _ranks_alive()
+    bar = [e["data"]["value"] for e in runs["two"].events
+           if e.get("type") == "progress" and e["data"].get("node") == trainer]
+    assert bar and bar[-1] == STEPS
+    folder = server.heads_dir / "supercond_test"
+    states = [torch.load(folder / f"head{n}_{tag}_{STEPS:06d}.state.pt", weights_only=True) for n in ("one", "two")]
+    torch.testing.assert_close(torch.tensor(states[1]["losses"]), torch.tensor(states[0]["losses"]), atol=1e-5,
+                               rtol=1e-4)
+    start = load_file(str(folder / f"headone_{tag}_000001.safetensors"))
+    heads = [load_file(str(folder / f"head{n}_{tag}_{STEPS:06d}.safetensors")) for n in ("one", "two")]
+    assert max(float((heads[0][k] - start[k]).abs().max()) for k in start) > 1e-4  # it trained
+    # The LoRA's bounds, 4x (per element) and 3x (on the norm) looser: here the teacher runs on one chain per
+    # process instead of two in one call, a float difference that AdamW's near-zero gradients amplify as in
+    # ATOL's note (measured: one of 10,240 elements 0.13 LR x STEPS apart, 1.2e-3 on the norm). The exact
+    # split, pool and gradient averaging are tested without rounding noise in test_core_head_train.
+    for k, v in heads[1].items():
+        torch.testing.assert_close(v, heads[0][k], atol=4 * ATOL, rtol=1e-3)
+    assert_close(states[1]["params"], states[0]["params"], atol=4 * ATOL, relative=3 * RELATIVE)
+    assert runs["two"].outputs[trainer]["images"]  # the loss plot

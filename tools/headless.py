@@ -76,6 +76,19 @@ def _apply_paths(root: Path, args) -> None:
         folder_paths.set_user_directory(os.path.abspath(args.user_directory))
 
 
+def use_folders(saved: dict) -> None:
+    """A server's folders as its folder_paths held them (nodes/train/ranks.py's folder_map): the ranks that
+    a trainer node starts read and write exactly where the server does."""
+    import folder_paths
+
+    for name, (paths, extensions) in saved["folders"].items():
+        folder_paths.folder_names_and_paths[name] = (list(paths), set(extensions))
+    folder_paths.set_output_directory(saved["output"])
+    folder_paths.set_input_directory(saved["input"])
+    folder_paths.set_temp_directory(saved["temp"])
+    folder_paths.set_user_directory(saved["user"])
+
+
 def node_info(class_type: str) -> dict:
     """What the server's /object_info says of one node (the part a workflow's conversion reads)."""
     import nodes

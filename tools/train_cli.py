@@ -1,8 +1,9 @@
-"""scripts/train: the SupercondTrainLoRA node of a saved workflow, run outside the server on one or more
-processes. Several processes are started by torchrun (torch.distributed.run) with any of its options
-(one machine, or several with its rendezvous); each process (a rank) imports ComfyUI headless
-(tools/headless.py), runs the nodes the trainer depends on with ComfyUI's executor, and trains under
-DistributedDataParallel (nodes/train/distributed.py). Rank 0 writes the files and shows the progress.
+"""scripts/train: the SupercondTrainLoRA or SupercondTrainHead node of a saved workflow, run outside the
+server on one or more processes. Several processes are started by torchrun (torch.distributed.run) with
+any of its options (one machine, or several with its rendezvous); each process (a rank) imports ComfyUI
+headless (tools/headless.py), runs the nodes the trainer depends on with ComfyUI's executor, and trains
+data-parallel (nodes/train/distributed.py). Rank 0 writes the files and shows the progress. A trainer
+node whose ``processes`` input is above 1 starts this script itself (nodes/train/ranks.py).
 
     scripts/train WORKFLOW.json [--processes N] [--node ID] [torchrun options] [-- ComfyUI options]
 
@@ -21,8 +22,10 @@ import sys
 from pathlib import Path
 
 log = logging.getLogger("supercond")
-TRAINERS = ("SupercondTrainLoRA",)
+TRAINERS = ("SupercondTrainLoRA", "SupercondTrainHead")
 HERE = Path(__file__).resolve().parent
+IN_RANK = "SUPERCOND_TRAIN_RANK"  # nodes/train/ranks.py reads it: a trainer node here ignores ``processes``
+EVENT_LINE = "@supercond-event "  # nodes/train/ranks.py reads these lines
 
 
 def _tools():
@@ -54,7 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="check the workflow as the server would, print it in API format with the trainer's id "
                         "as JSON, and stop before running anything")
+    _internal(p)
     return p
+
+
+def _internal(p: argparse.ArgumentParser) -> None:
+    """What a trainer node passes when it starts this script itself (its ``processes`` input)."""
+    p.add_argument("--events", action="store_true", help=argparse.SUPPRESS)  # rank 0's events as JSON lines
+    p.add_argument("--folders", type=Path, help=argparse.SUPPRESS)  # the server's folder_paths, as JSON
 
 
 def _split(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -69,8 +79,10 @@ def launch(argv: list[str]) -> int:
         _parser().error("--processes must be 1 or more")
     if not opts.workflow.is_file():
         _parser().error(f"{opts.workflow} is not a file")
+    # The ranks' option is --trainer: torchrun would read --node as an abbreviation of its --node-rank.
     rank_args = [str(opts.workflow.resolve()), "--timeout", str(opts.timeout)] + (
-        ["--node", opts.node] if opts.node else [])
+        ["--trainer", opts.node] if opts.node else []) + (["--events"] if opts.events else []) + (
+        ["--folders", str(opts.folders.resolve())] if opts.folders else [])
     if opts.dry_run:
         return run_rank(rank_args + ["--dry-run", "--", *comfy_args])
     if opts.processes == 1 and not torchrun_opts:
@@ -121,10 +133,12 @@ def run_rank(argv: list[str]) -> int:
     ours, comfy_args = _split(argv)
     p = argparse.ArgumentParser(prog="scripts/train (rank)")
     p.add_argument("workflow", type=Path)
-    p.add_argument("--node")
+    p.add_argument("--trainer", dest="node")
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--dry-run", action="store_true")
+    _internal(p)
     opts = p.parse_args(ours)
+    os.environ[IN_RANK] = "1"
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank {rank}] %(levelname)s %(message)s" if world > 1 else "%(message)s")
@@ -134,6 +148,8 @@ def run_rank(argv: list[str]) -> int:
     headless = _tools()
     try:
         headless.start(comfy_args, cpu=not torch.cuda.is_available())
+        if opts.folders:
+            headless.use_folders(json.loads(opts.folders.read_text()))
         prompt = headless.as_prompt(_read(opts.workflow))
         node = pick_trainer(prompt, opts.node)
         headless.validate(prompt, node)
@@ -150,7 +166,7 @@ def run_rank(argv: list[str]) -> int:
                                 timeout=datetime.timedelta(seconds=opts.timeout))
     try:
         if rank == 0:
-            _show_progress()
+            _send_events() if opts.events else _show_progress()
         elif world > 1:  # rank 0 runs the nodes before the trainer first, so dataset caches are written once
             torch.distributed.barrier()
         headless.execute(prompt, node)
@@ -174,12 +190,27 @@ def _one_gpu_each(local_rank: int, world: int) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = devices[local_rank]
 
 
+def _events():
+    """The pack's nodes/events.py as the headless ComfyUI imported it."""
+    return next(m for m in list(sys.modules.values())
+                if getattr(m, "__file__", None) and Path(m.__file__).resolve() == HERE.parent / "nodes" / "events.py")
+
+
+def _send_events() -> None:
+    """Rank 0's events as JSON lines on stdout, for the trainer node that started this run."""
+
+    def on_event(event: str, data: dict) -> None:
+        sys.stdout.write(EVENT_LINE + json.dumps({"event": event, "data": data}) + "\n")
+        sys.stdout.flush()
+
+    _events().listen(on_event)
+
+
 def _show_progress() -> None:
     """A tqdm bar with the loss on rank 0, fed by the trainer's loss events (no server here)."""
     from tqdm import tqdm
 
-    events = next(m for m in list(sys.modules.values())
-                  if getattr(m, "__file__", None) and Path(m.__file__).resolve() == HERE.parent / "nodes" / "events.py")
+    events = _events()
     bar: dict = {}
 
     def on_event(event: str, data: dict) -> None:

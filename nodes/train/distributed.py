@@ -75,3 +75,47 @@ def mean_across() -> Callable[[torch.Tensor], torch.Tensor] | None:
         return value / world
 
     return mean
+
+
+class _Across:
+    """torch.distributed's collectives as the head trainer's ``Across`` (core/head_train.py). Its step
+    makes two model calls (features, then the head), so the gradients are averaged after backward with
+    one all_reduce of them all (what DistributedDataParallel's reducer does, without its overlap)."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        return value / self.world
+
+    def average_grads(self, params: list[torch.nn.Parameter]) -> None:
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        at = 0
+        for p, g in zip(params, grads, strict=True):
+            p.grad = flat[at:at + g.numel()].view_as(g).to(p.dtype)
+            at += g.numel()
+
+    def gather(self, part: torch.Tensor, total: int) -> torch.Tensor:
+        import torch.distributed as dist
+
+        sizes = [len(chunk) for chunk in torch.tensor_split(torch.arange(total), self.world)]
+        padded = part.new_zeros((max(sizes), *part.shape[1:]))  # all_gather needs one size on every rank
+        padded[:len(part)] = part
+        out = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(out, padded)
+        return torch.cat([o[:n] for o, n in zip(out, sizes, strict=True)])
+
+
+def across() -> _Across | None:
+    """The head trainer's exchanges between processes, or None with one process."""
+    world = shard()[1]
+    return _Across(world) if world > 1 else None

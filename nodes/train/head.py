@@ -28,6 +28,7 @@ from ...core.head_train import HeadTrainConfig, HeadTrainer, TrajectoryPool, mer
 from ...core.lora import LoRANetwork, kohya_metadata
 from ...core.seeds import seeded_generator
 from ...core.train import batch_cond
+from .. import events
 from .. import family as fm
 from ..checked import CheckedNode
 from ..errors import InputError
@@ -35,6 +36,7 @@ from ..inputs import MAX_SEED, float_input, int_input
 from ..plots import line_plot
 from ..singlepass import hook
 from ..singlepass.nodes import CATEGORY, FOLDER
+from . import distributed, ranks
 from . import model as tm
 from . import run as train_run
 from .lora_run import conds_from
@@ -272,8 +274,9 @@ class SupercondTrainHead(CheckedNode):
                                  tooltip="Continue from the last checkpoint of this prefix, optimizer state "
                                          "included, up to steps."),
                 io.Int.Input("batch_size", default=BATCH, min=1, max=4096, optional=True,
-                             tooltip="Samples per step. distill: trajectories per step when no LATENT sets their "
-                                     "number. gist: latents per step (at most the dataset's size); only the "
+                             tooltip="Samples per step (per process when processes is above 1). distill: "
+                                     "trajectories per step when no LATENT sets their number (a LATENT's batch is "
+                                     "the whole run's). gist: latents per step (at most the dataset's size); only the "
                                      "rolled_fraction share teaches the head, so at 4 and 0.1 two steps in three "
                                      "teach it nothing: the log says how many samples taught the head. The gist "
                                      "was published at batch 256."),
@@ -291,6 +294,7 @@ class SupercondTrainHead(CheckedNode):
                                         "SupercondSinglePass then feeds it the negative you wire, still at one "
                                         "model call per step. Needs clip. Empty: a head for the empty prompt."),
                 io.Clip.Input("clip", optional=True, tooltip="Encodes negative_prompts (the model's own text encoder)."),
+                ranks.processes_input(),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained head attached (in gist "
@@ -300,7 +304,7 @@ class SupercondTrainHead(CheckedNode):
                                  "LoRA's file)."),
                 io.Image.Output(display_name="loss_plot", tooltip="Loss per step."),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
@@ -313,7 +317,9 @@ class SupercondTrainHead(CheckedNode):
     @classmethod
     def execute(cls, model, positive, mode, steps, learning_rate, head, lora_rank, cfg_min, cfg_max, seed,
                 save_every, filename_prefix, resume, negative=None, latent=None, batch_size=BATCH,
-                rolled_fraction=ho.GIST_FRACTION, negative_prompts="", clip=None) -> io.NodeOutput:
+                rolled_fraction=ho.GIST_FRACTION, negative_prompts="", clip=None, processes=1) -> io.NodeOutput:
+        import comfy.sd
+        import comfy.utils
         import folder_paths
 
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
@@ -334,16 +340,23 @@ class SupercondTrainHead(CheckedNode):
             lora_stem = train_run.prefix_path(folder_paths.get_folder_paths("loras")[0], filename_prefix, "loras")
             train_run.check_writable(lora_stem.parent, "LoRA files")
         more = encode_negatives(negative_prompts, clip, mode, head, model)
-        with train_run.memory_guard(NODE, "lower batch_size (or the LATENT's batch and size), or lora_rank"):
-            path, losses, sd, lora = train(model, positive, negative, latent, cfg, head, lora_rank, stem, save_every,
-                                           resume, node_id, lora_stem, more)
+        if processes > 1 and not ranks.in_rank():
+            done = ranks.run(cls.hidden.prompt, node_id, processes, NODE, stem.parent)
+            path, losses = done["path"], done["losses"]
+            sd = comfy.utils.load_torch_file(path, safe_load=True)
+            lora = (Path(done["lora"]), comfy.utils.load_torch_file(done["lora"], safe_load=True)) \
+                if done.get("lora") else None
+        else:
+            with train_run.memory_guard(NODE, "lower batch_size (or the LATENT's batch and size), or lora_rank"):
+                path, losses, sd, lora = train(model, positive, negative, latent, cfg, head, lora_rank, stem,
+                                               save_every, resume, node_id, lora_stem, more)
+            if ranks.in_rank() and distributed.writes():
+                events.trained({"path": str(path), "losses": losses, "lora": str(lora[0]) if lora else None})
         final = hook.new_head(model, head, NODE)
         core_heads.load_state(final, sd, where=Path(path).name)
         final.spec = dataclasses.replace(final.spec, reads_negative=bool(more))
         trained = model
         if lora is not None:
-            import comfy.sd
-
             trained, _ = comfy.sd.load_lora_for_models(model, None, lora[1], 1.0, 0.0)
             log.info("supercond: the model's gist LoRA is %s: load it with LoraLoader before SupercondLoadHead "
                      "(head %s)", lora[0], path)
@@ -390,6 +403,9 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
     head then learns to read each sample's negative."""
     import comfy.model_management as mm
 
+    distributed.inputs_ready()
+    rank, world = distributed.shard()
+    cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size * world)  # batch_size is per process
     model_lora = cfg.mode == "gist" and lora_rank > 0
     if model_lora and lora_stem is None:
         raise InputError("gist mode with lora_rank > 0 saves a LoRA of the model: give it a place (lora_stem)")
@@ -458,7 +474,7 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
                               forward=teacher.forward, latents=latents, captions=captions, n_prompts=len(pos_rows),
                               n_negatives=max(len(negatives), 1),
                               pool=pool, backbone=[] if backbone is None else list(backbone.parameters()),
-                              device=device)
+                              device=device, shard=(rank, world), across=distributed.across())
         if cfg.mode == "gist" and backbone is None:
             log.info("supercond: gist mode with lora_rank 0: the model stays frozen and only the head learns (from "
                      "the ~%d%% samples with swapped captions); the conditional term is in the loss but trains "
@@ -473,17 +489,21 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
         meta = {**spec.to_metadata(), "supercond_training": json.dumps(training, sort_keys=True)}
         base_name = tm.base_model_name(mp)
 
-        def save() -> _Saved:
+        def save() -> _Saved:  # rank 0 writes; the others hold the same weights and return the same
             saved_lora = None
             if backbone is not None:  # first: a .state.pt (written last) means every file of its step exists
                 ksd = backbone.kohya_state_dict(torch.float16)
                 lf = tm.checkpoint_file(lora_stem, trainer.step)
-                save_atomic(lf, ksd, kohya_metadata(lora_rank, float(lora_rank), trainer.step, training, base_name)
-                            | {"ss_training_comment": "trained with Supercond SupercondTrainHead (gist, with its "
-                                                      "single-pass head)"})
+                if rank == 0:
+                    save_atomic(lf, ksd, kohya_metadata(lora_rank, float(lora_rank), trainer.step, training,
+                                                        base_name)
+                                | {"ss_training_comment": "trained with Supercond SupercondTrainHead (gist, with "
+                                                          "its single-pass head)"})
                 saved_lora = (lf, ksd)
             sd = merged_state(net, lora) if lora is not None else core_heads.head_state(net)
             f = tm.checkpoint_file(stem, trainer.step)
+            if rank:
+                return f, sd, saved_lora
             save_atomic(f, sd, meta | {"supercond_step": str(trainer.step)})
             torch_save_atomic(tm.state_file(f), trainer.state_dict())
             return f, sd, saved_lora
@@ -496,7 +516,7 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
         hooked = lora if lora is not None else backbone  # at most one of them exists
         with hooked.attached() if hooked is not None else contextlib.nullcontext(), tm.trainable(mp, net):
             last = train_run.run_steps(step, lambda: trainer.step, cfg.steps, save, save_every, node_id,
-                                       what="head training")
+                                       what="head training", writer=rank == 0)
         if cfg.mode == "gist":
             seen = trainer.step * cfg.batch_size
             log.info("supercond: gist: %d of %d samples (%.1f%%) taught the head (swapped captions) in %d steps "

@@ -11,12 +11,13 @@ from ...core import objective, optim
 from ...core.lora import LAYER_SETS
 from ...core.perturb import DISTRIBUTIONS
 from ...core.train import TrainConfig
+from .. import events
 from .. import family as fm
 from ..checked import CheckedNode
 from ..errors import InputError
 from ..inputs import MAX_SEED, float_input, int_input
 from ..plots import line_plot
-from . import distributed
+from . import distributed, ranks
 from . import model as tm
 from . import run as train_run
 from .lora_run import NODE, Run, dataset_from, train
@@ -57,8 +58,8 @@ class SupercondTrainLoRA(CheckedNode):
                 float_input("learning_rate", 1e-4, 1e-8, 1.0, 1e-6, "Learning rate (Prodigy: 1.0, a multiplier of the step size it estimates)."),
                 int_input("rank", 8, 1, 256, "LoRA rank (dimension of the low-rank update)."),
                 float_input("alpha", 8.0, 0.0, 1024.0, 0.5, "LoRA alpha; the update is scaled by alpha/rank."),
-                int_input("batch_size", 1, 1, 256, "Latents per micro-batch (per process when scripts/train runs "
-                          "several: the batch is then this times the processes)."),
+                int_input("batch_size", 1, 1, 256, "Latents per micro-batch (per process when processes is above 1 "
+                          "or scripts/train runs several: the batch is then this times the processes)."),
                 int_input("grad_accumulation", 1, 1, 1024, "Micro-batches per optimizer step (loss divided by it)."),
                 io.Combo.Input("prediction", options=["auto", *objective.PREDICTIONS], default="auto",
                                tooltip="Loss target: eps, v or flow. auto reads the model's sampling type."),
@@ -140,6 +141,7 @@ class SupercondTrainLoRA(CheckedNode):
                                        "(conv_dim). transformer: attention, feed-forward and proj_in/out only, "
                                        "kohya's default LoRA: smaller files and faster steps (see the README's "
                                        "bench table)."),
+                ranks.processes_input(),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained LoRA (as LoraLoader "
@@ -150,7 +152,7 @@ class SupercondTrainLoRA(CheckedNode):
                                "(as LoraLoader would load the saved file); the clip input as is when "
                                "text_encoder_lr is 0."),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
@@ -160,7 +162,9 @@ class SupercondTrainLoRA(CheckedNode):
                 gradient_checkpointing, lr_schedule, warmup_steps, max_grad_norm, save_every,
                 filename_prefix, resume, optimizer="adamw", ema_decay=0.0, sample_every=0, sample_prompts="",
                 vae=None, keep_last=0, export_format="kohya", clip=None, text_encoder_lr=0.0,
-                validation_split=0.0, validate_every=50, masked_loss=False, lora_layers="all") -> io.NodeOutput:
+                validation_split=0.0, validate_every=50, masked_loss=False, lora_layers="all", processes=1) -> io.NodeOutput:
+        import comfy.sd
+        import comfy.utils
         import folder_paths
 
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
@@ -182,15 +186,21 @@ class SupercondTrainLoRA(CheckedNode):
         data = dataset_from(latents, conditioning, masked_loss, with_text=text_encoder_lr > 0)
         run = Run(stem, save_every, gradient_checkpointing, resume, node_id, keep_last, export_format,
                   sample_every, sample_prompts, vae, clip, validation_split, validate_every)
-        with train_run.memory_guard(NODE, "lower batch_size, rank or the dataset's resolution (grad_accumulation "
-                                    "keeps the effective batch)"):
-            path, trainer, sd = train(model, data, cfg, run)
-        import comfy.sd
-
+        if processes > 1 and not ranks.in_rank():
+            done = ranks.run(cls.hidden.prompt, node_id, processes, NODE, stem.parent)
+            path, losses, val_losses = done["path"], done["losses"], [tuple(v) for v in done["val_losses"]]
+            sd = comfy.utils.load_torch_file(path, safe_load=True)  # what rank 0 saved, as LoraLoader reads it
+        else:
+            with train_run.memory_guard(NODE, "lower batch_size, rank or the dataset's resolution "
+                                        "(grad_accumulation keeps the effective batch)"):
+                path, trainer, sd = train(model, data, cfg, run)
+            losses, val_losses = trainer.losses, trainer.val_losses
+            if ranks.in_rank() and distributed.writes():
+                events.trained({"path": str(path), "losses": losses, "val_losses": val_losses})
         trained, trained_clip = comfy.sd.load_lora_for_models(model, clip, sd, 1.0, 1.0)
-        curves = [("loss", range(1, len(trainer.losses) + 1), trainer.losses)]
-        if trainer.val_losses:
-            curves.append(("validation", [s for s, _ in trainer.val_losses], [v for _, v in trainer.val_losses]))
+        curves = [("loss", range(1, len(losses) + 1), losses)]
+        if val_losses:
+            curves.append(("validation", [s for s, _ in val_losses], [v for _, v in val_losses]))
         plot = line_plot(curves, "training loss", "step", "loss", logy=True)
         shown = ui.PreviewImage(plot, cls=cls) if distributed.writes() else None  # a file in temp/: rank 0's
         return io.NodeOutput(trained, str(path), plot, trained_clip, ui=shown)
