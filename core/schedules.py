@@ -160,7 +160,8 @@ def renoise(kind: str, denoised: torch.Tensor, noise: torch.Tensor, sigma: torch
 
 def noise_correction_step(kind: str, x: torch.Tensor, denoised: torch.Tensor, true_noise: torch.Tensor,
                           sigma: float, sigma_next: float, strength: float = 1.0) -> torch.Tensor:
-    """Imagine Flash's first-step noise correction (Kohler et al. 2024), as a DDIM/Euler step.
+    """First-step noise correction after Imagine Flash (Kohler et al. 2024), as a DDIM/Euler step: our
+    reconstruction from descriptions of the paper (its own equation was not available to check).
 
     Plain: x_next = renoise(D, eps_hat, sigma_next). Corrected: the true initial unit noise replaces
     eps_hat (strength blends linearly: 0 = plain step, 1 = full correction); D stays the model's.

@@ -23,6 +23,10 @@ def listen(listener: Callable[[str, dict], None]) -> None:
     _listeners.append(listener)
 
 
+def unlisten(listener: Callable[[str, dict], None]) -> None:
+    _listeners.remove(listener)
+
+
 def _tell(event: str, data: dict) -> None:
     for listener in _listeners:
         listener(event, data)

@@ -230,3 +230,30 @@ def test_clones_sampled_at_once_in_two_threads_keep_their_own_run(fam, conds):
     assert not errors, errors
     for seed, image in alone.items():
         assert torch.equal(got[seed], image), f"seed {seed}: another run's state leaked in"
+
+
+@pytest.mark.parametrize("scale", ["paper", "relative"])
+@pytest.mark.parametrize("distribution", ["uniform", "gaussian"])
+def test_the_plotted_cep_ratio_is_what_the_hook_applies_on_sdxl_widths(comfy, scale, distribution):
+    """SupercondPlotPerturbation's CEP curve is the noise the hook draws: on an SDXL-shaped embedding
+    (CLIP-L 768 | CLIP-G 1280, the segments at different RMS, padding in part of one) the plotted ratio
+    matches the measured RMS of core.perturb.cep_delta over the embedding's, non-padding entries both; the
+    old one-width formula (gamma / sqrt(2048)) is off by far more than the tolerance."""
+    from supercond.core import perturb
+    from supercond.nodes.perturb.hook import CEPConfig
+    from supercond.nodes.perturb.nodes import cep_noise_to_signal
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, 77, 2048, generator=g)
+    tokens[..., :768] *= 0.3
+    tokens[:, 30:, 768:] = 0  # padding in the CLIP-G part of most tokens
+    cfg = CEPConfig(1.0, distribution, scale, "tokens", "both", "every_step")
+    plotted = cep_noise_to_signal(cfg, tokens, (768, 1280))
+    delta = perturb.cep_delta(tokens, 1.0, distribution, scale, g, (768, 1280))
+    keep = tokens != 0
+    measured = float(delta[keep].pow(2).mean().sqrt() / tokens[keep].pow(2).mean().sqrt())
+    assert plotted == pytest.approx(measured, rel=0.02)
+    rms = float(tokens[keep].pow(2).mean().sqrt())
+    old = 1.0 / math.sqrt(2048) * (rms if scale == "relative" else 1.0) / (math.sqrt(3) if distribution == "uniform"
+                                                                            else 1.0) / rms
+    assert abs(old / measured - 1) > 0.2, old / measured

@@ -234,6 +234,35 @@ def test_schedule_sigmas_on_the_fixtures(comfy, fixture_checkpoints):
         assert len(s) == 6 and float(s[0]) == pytest.approx(14.6146, rel=1e-4)
 
 
+def test_zero_terminal_snr_tells_the_user_on_the_node_when_the_model_is_not_zsnr(comfy, fixture_checkpoints):
+    """On an eps model, and on a v model whose own sampling is not zsnr, the node shows a warning on itself
+    (ComfyUI's progress text) saying what else is needed; on a zsnr model it says nothing."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    from supercond.nodes import events
+    from supercond.nodes.schedules.nodes import SupercondScheduleSigmas as S
+
+    shown = []
+
+    def listener(event, data):
+        if event == events.PROGRESS_TEXT:
+            shown.append(data["text"])
+
+    events.listen(listener)
+    try:
+        eps, v = family("eps", fixture_checkpoints), family("v", fixture_checkpoints)
+        S.execute(eps.model, 4, "trailing", True, "as_scheduled", 136.0)
+        assert len(shown) == 1 and "eps-prediction" in shown[0]
+        S.execute(v.model, 4, "trailing", True, "as_scheduled", 136.0)
+        assert len(shown) == 2 and "ModelSamplingDiscrete (v_prediction, zsnr on)" in shown[1]
+        zsnr = ModelSamplingDiscrete().patch(v.model, "v_prediction", True)[0]
+        S.execute(zsnr, 4, "trailing", True, "as_scheduled", 136.0)
+        S.execute(v.model, 4, "trailing", False, "as_scheduled", 136.0)
+        assert len(shown) == 2
+    finally:
+        events.unlisten(listener)
+
+
 def test_plot_sigmas_returns_an_image(comfy):
     from supercond.nodes.schedules.nodes import SupercondPlotSigmas
 

@@ -18,7 +18,7 @@ from . import hook
 
 CATEGORY = "supercond/conditioning"
 
-_GAMMA_TIP = ("Perturbation strength. 0 = exact no-op, 1 = the CEP paper's default. Amplitude is "
+_GAMMA_TIP = ("Perturbation strength. 0 = exact no-op, 1 = the CEP paper's default (for training). Amplitude is "
               "gamma/sqrt(d) per token, d the width of each text-encoder segment.")
 _DIST_TIP = "uniform: U(-a, a) (CEP-U); gaussian: N(0, a^2) (CEP-G)."
 _SCALE_TIP = ("paper: amplitude gamma/sqrt(d) as in the paper (assumes unit-RMS embeddings). relative: "
@@ -37,7 +37,8 @@ class SupercondPerturbConditioning(CheckedNode):
             node_id="SupercondPerturbConditioning",
             display_name="Perturb Conditioning (CEP)",
             category=CATEGORY,
-            description="Adds slight seeded CEP noise to a CONDITIONING once (static): a variation seed for the prompt.",
+            description=("Adds slight seeded CEP noise to a CONDITIONING once (static): a variation seed for the "
+                         "prompt. Inspired by Chen et al.'s CEP, which the paper applies in training, not sampling."),
             inputs=[
                 io.Conditioning.Input("conditioning"),
                 float_input("gamma", 1.0, 0.0, 100.0, 0.01, _GAMMA_TIP),
@@ -82,8 +83,10 @@ class SupercondCEP(CheckedNode):
             node_id="SupercondCEP",
             display_name="CEP During Sampling",
             category=CATEGORY,
-            description=("Conditional embedding perturbation during sampling: fresh (or fixed) seeded noise on the "
-                         "text conditioning, a distinct draw per batch row, seeded from the sampler's seed."),
+            description=("CEP noise at sampling time: fresh (or fixed) seeded noise on the text conditioning, a "
+                         "distinct draw per batch row, seeded from the sampler's seed. An inference-time variation "
+                         "inspired by Chen et al.'s CEP, which the paper applies in training (the trainer's "
+                         "cep_gamma); on the evidence model gamma 1 changed no measured figure (README)."),
             inputs=[
                 io.Model.Input("model"),
                 float_input("gamma", 1.0, 0.0, 100.0, 0.01, _GAMMA_TIP),
@@ -145,6 +148,9 @@ class SupercondCADS(CheckedNode):
         return io.NodeOutput(hook.patch_model(model, config, "SupercondCADS"))
 
 
+PLOT = "SupercondPlotPerturbation"
+
+
 class SupercondPlotPerturbation(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -158,7 +164,9 @@ class SupercondPlotPerturbation(CheckedNode):
                 io.Model.Input("model"),
                 io.Sigmas.Input("sigmas", tooltip="The schedule to plot against, e.g. from BasicScheduler."),
                 io.Conditioning.Input("conditioning", optional=True,
-                                      tooltip="Measures the embedding's RMS; without it a unit RMS is assumed."),
+                                      tooltip="The embedding the ratio is measured on (its RMS and padding; "
+                                              "CEP per encoder segment and non-padding token, as the patch "
+                                              "applies it). Without it: unit embeddings of the model's width."),
             ],
             outputs=[io.Image.Output("plot")],
             is_output_node=True,
@@ -167,14 +175,20 @@ class SupercondPlotPerturbation(CheckedNode):
     @classmethod
     def execute(cls, model, sigmas, conditioning=None) -> io.NodeOutput:
         configs = hook.installed_configs(model)
-        rms, width = _signal_stats(conditioning)
+        fam = fm.family_of(model, PLOT) if configs else None  # a patch knows its family's encoder segments
+        if fam is not None and conditioning:
+            fm.check_conditioning(fam, conditioning, PLOT)
+        # without a conditioning: unit embeddings of the model's width
+        tokens = conditioning[0][0].float() if conditioning else torch.ones(1, 1, fam.token_width if fam else 768)
+        rms = _rms(tokens)
+        segments = fam.token_segments if fam is not None else (tokens.shape[-1],)
         ms = model.get_model_object("model_sampling")
         sig = sigmas.detach().float().cpu()
         steps = list(range(max(len(sig) - 1, 1)))
         series = []
         for n, cfg in enumerate(configs):
             ys = [_noise_to_signal(cfg, sampling_time(ms, sig, float(sig[i]), getattr(cfg, "time_base", "sigma")),
-                                   rms, width) for i in steps]
+                                   tokens, rms, segments) for i in steps]
             series.append((f"{n + 1}: {_describe(cfg)}", steps, ys))
         if not series:  # e.g. gamma 0, which leaves the MODEL unpatched: show that, don't fail
             series.append(("no Supercond CEP/CADS patch on this MODEL", steps, [0.0] * len(steps)))
@@ -182,18 +196,29 @@ class SupercondPlotPerturbation(CheckedNode):
         return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))
 
 
-def _signal_stats(conditioning) -> tuple[float, int]:
-    if not conditioning:
-        return 1.0, 768
-    tokens = conditioning[0][0].float()
+def _rms(tokens: torch.Tensor) -> float:
     nz = tokens[tokens != 0]
-    return (float(nz.pow(2).mean().sqrt()) if nz.numel() else 1.0), int(tokens.shape[-1])
+    return float(nz.pow(2).mean().sqrt()) if nz.numel() else 1.0
 
 
-def _noise_to_signal(cfg, t: float, rms: float, width: int) -> float:
+def cep_noise_to_signal(cfg: hook.CEPConfig, tokens: torch.Tensor, segments: tuple[int, ...]) -> float:
+    """What the hook applies: the RMS of CEP's noise over the RMS of the embedding, both on the non-padding
+    entries, with the amplitude the hook gives each token of each encoder segment (core.perturb.cep_amplitude:
+    gamma / sqrt(its non-padding width), times its RMS when relative). Exact in expectation."""
+    variance = 1.0 / 3.0 if cfg.distribution == "uniform" else 1.0  # U(-a, a) has variance a^2 / 3
+    noise, start = 0.0, 0
+    for w in segments:
+        seg = tokens[..., start:start + w]
+        amp = perturb.cep_amplitude(seg, cfg.gamma, cfg.scale)
+        noise += float((amp.pow(2) * (seg != 0)).sum()) * variance
+        start += w
+    signal = float(tokens[tokens != 0].pow(2).sum())
+    return math.sqrt(noise / signal) if signal > 0 else 0.0
+
+
+def _noise_to_signal(cfg, t: float, tokens: torch.Tensor, rms: float, segments: tuple[int, ...]) -> float:
     if isinstance(cfg, hook.CEPConfig):
-        amp = cfg.gamma / math.sqrt(width) * (rms if cfg.scale == "relative" else 1.0)
-        return perturb.cep_noise_to_signal(amp, cfg.distribution, rms)
+        return cep_noise_to_signal(cfg, tokens, segments)
     g = perturb.cads_gamma(t, cfg.tau1, cfg.tau2)
     return min(perturb.cads_noise_to_signal(g, cfg.noise_scale, rms), 1e3)
 

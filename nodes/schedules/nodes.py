@@ -12,6 +12,7 @@ from comfy_api.v0_0_2 import io, ui
 from ...core import noise as cnoise
 from ...core import schedules as sched
 from ..checked import CheckedNode
+from ..events import progress_text
 from ..inputs import MAX_SEED
 from ..plots import line_plot
 from . import hook
@@ -29,7 +30,8 @@ class SupercondNoiseCorrection(CheckedNode):
             display_name="Noise Correction (first step)",
             category=CATEGORY,
             description=(
-                "Imagine Flash's first-step noise correction: on a run that starts from pure noise, the first "
+                "First-step noise correction after Imagine Flash (our reconstruction from descriptions of the paper, "
+                "not its own equation): on a run that starts from pure noise, the first "
                 "update keeps the model's x0 estimate but uses the true initial noise instead of the model's "
                 "noise prediction (more colour and contrast at few steps on eps models). Works with KSampler, "
                 "SamplerCustomAdvanced and other samplers. Exact no-op for flow models starting at sigma 1, "
@@ -87,6 +89,7 @@ class SupercondScheduleSigmas(CheckedNode):
                                tooltip="The sigma used by first_sigma set / cap."),
             ],
             outputs=[io.Sigmas.Output()],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -96,7 +99,10 @@ class SupercondScheduleSigmas(CheckedNode):
         ms, kind = hook.check_model(model)
         table = getattr(ms, "sigmas", None)
         if zero_terminal_snr:
-            table = _zero_terminal_snr_table(ms, kind, table)
+            table, warning = _zero_terminal_snr_table(ms, kind, table)
+            if warning:  # on the node, where the user looks, as well as in the log
+                log.warning("SupercondScheduleSigmas: %s", warning)
+                progress_text(warning, getattr(getattr(cls, "hidden", None), "unique_id", None))
         if spacing in sched.TABLE_SPACINGS:
             if table is None:
                 raise ValueError(f"spacing '{spacing}' needs a model with discrete timesteps; this one "
@@ -110,23 +116,24 @@ class SupercondScheduleSigmas(CheckedNode):
         return io.NodeOutput(sched.apply_first_sigma(sigmas, first_sigma, first_sigma_value))
 
 
-def _zero_terminal_snr_table(ms, kind: str, table: torch.Tensor | None) -> torch.Tensor | None:
+def _zero_terminal_snr_table(ms, kind: str, table: torch.Tensor | None) -> tuple[torch.Tensor | None, str | None]:
+    """The rescaled timestep table, and what the user must know when the node alone is not enough."""
     if kind == "flow":
         log.info("zero_terminal_snr: flow models already end at SNR 0 (sigma 1); nothing to rescale")
-        return table
+        return table, None
     if table is None:
         raise ValueError(f"zero_terminal_snr needs a discrete VP model (eps or v-prediction); "
                          f"{type(ms).__name__} has no timestep table to rescale")
     if getattr(ms, "zsnr", False):
-        return table  # already rescaled by ModelSamplingDiscrete(zsnr=True)
+        return table, None  # already rescaled by ModelSamplingDiscrete(zsnr=True)
     if kind == "eps":
-        log.warning("zero_terminal_snr on an eps-prediction model: at SNR 0 eps prediction is trivial and "
-                    "x0 = x - 4518*eps is ill-conditioned (Lin et al.); use it with v-prediction, or "
-                    "first_sigma set")
+        warning = ("zero_terminal_snr on an eps-prediction model: at SNR 0 eps prediction is trivial and "
+                   "x0 = x - 4518*eps is ill-conditioned (Lin et al.); use it with v-prediction, or first_sigma set")
     else:
-        log.info("zero_terminal_snr: this MODEL's own sampling is not zsnr; patch it with "
-                 "ModelSamplingDiscrete (zsnr=true) so the model sees the same schedule")
-    return sched.zero_terminal_snr_sigma_table(table)
+        warning = ("zero_terminal_snr: this MODEL's sampling is not zero-terminal-SNR, so it maps these sigmas "
+                   "to timesteps with its own table (the first, 4518.8, lies beyond its last timestep): put "
+                   "ModelSamplingDiscrete (v_prediction, zsnr on) on the MODEL the sampler uses")
+    return sched.zero_terminal_snr_sigma_table(table), warning
 
 
 class OffsetNoise:
