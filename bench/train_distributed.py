@@ -115,7 +115,7 @@ def main() -> int:
             two.append(got[2])
             ratios.append(got[2] / got[1])
     global_batch = 2 * args.batch
-    nbytes = params * 4  # float32 LoRA gradients, all-reduced once per micro-batch
+    nbytes = params * 4  # float32 LoRA gradients, all-reduced once per optimizer step (no_sync before)
     lines = [header("Data-parallel training: scripts/train on 1 and 2 processes (gloo, CPU)"), "",
              f"SD1.x fixture, lora_train example at {args.size} px, LoRA rank {args.rank}, global batch "
              f"{global_batch}, {args.steps} steps, {args.rounds} alternating rounds (median, range)", "",
@@ -125,10 +125,10 @@ def main() -> int:
              f"| 2 | {args.batch} | {statistics.median(two):.3f} ({min(two):.3f}-{max(two):.3f}) | "
              f"{global_batch / statistics.median(two):.2f} | {statistics.median(ratios):.2f} "
              f"({min(ratios):.2f}-{max(ratios):.2f}) |", "",
-             f"All-reduced per step and micro-batch: {params:,} trainable parameters x 4 bytes = "
+             f"All-reduced per optimizer step: {params:,} trainable parameters x 4 bytes = "
              f"{nbytes / 2**20:.2f} MiB (the frozen base model is not all-reduced).", "",
              f"On paper, {GPUS} GPUs (ring all-reduce, bus bandwidth {BUSBW_GBS:.0f} GB/s, {LATENCY_S * 1e6:.0f} us "
-             "fixed; see the docstring): the all-reduce per micro-batch, and its share of a step that takes t on one "
+             "fixed; see the docstring): the all-reduce per optimizer step, and its share of a step that takes t on one "
              "GPU (DDP overlaps it with the backward pass, so the share is an upper bound):", "",
              "| LoRA parameters (float32) | all-reduce | share of a 0.25 s step | share of a 1 s step |", "|---|---|---|---|"]
     for n in (params, 10_000_000, 50_000_000, 200_000_000):

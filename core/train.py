@@ -10,6 +10,7 @@ only what it should.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -266,11 +267,16 @@ class Trainer:
             group["lr"] = group.get("base_lr", cfg.learning_rate) * factor
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
+        # DistributedDataParallel (several processes): gradients are averaged across them once, on the last
+        # micro-batch's backward; the others only accumulate (its no_sync).
+        no_sync = getattr(self.denoise, "no_sync", None)
         for micro in range(cfg.grad_accumulation):
             if between_micro is not None:
                 between_micro()
-            loss = self.loss(self.batch(self.step, micro)) / cfg.grad_accumulation
-            loss.backward()
+            last = micro == cfg.grad_accumulation - 1
+            with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+                loss = self.loss(self.batch(self.step, micro)) / cfg.grad_accumulation
+                loss.backward()
             total += loss.detach()
         if self.mean_across is not None:
             total = self.mean_across(total)

@@ -1,5 +1,6 @@
 """Tier D: every example workflow in the real graph editor (headless Chromium): it loads with no
-missing node types, queues from the frontend, runs to success, and leaves a screenshot."""
+missing node types, queues from the frontend, runs to success with its images, files and plots where
+they belong, shows the pack's own UI, and leaves a screenshot."""
 
 from __future__ import annotations
 
@@ -31,6 +32,20 @@ def test_the_frontend_extension_is_loaded(page):
     assert page.evaluate("() => window.app.extensions.some(e => e.name === 'supercond.core')")
 
 
+@pytest.mark.parametrize("node_id", ["SupercondCEP", "SupercondScheduleSigmas", "SupercondSinglePass",
+                                     "SupercondTrainLoRA"])  # one per capability
+def test_the_node_library_shows_the_nodes_help_page(page, node_id, artifacts):
+    from supercond.tools import browser
+
+    md = (paths.PACK_DIR / "js" / "docs" / f"{node_id}.md").read_text(encoding="utf-8")
+    title = md.splitlines()[0].removeprefix("# ")
+    text = browser.open_node_help(page, node_id)
+    browser.screenshot(page, artifacts / f"help_{node_id}.png")
+    # the page, not the frontend's fallback (description and an inputs table): only the page has this line
+    assert title in text and f"{node_id} · category" in text, text[:500]
+    assert not page.page_errors, page.page_errors
+
+
 @pytest.mark.parametrize("path", workflows.example_paths(), ids=lambda p: p.stem)
 def test_example_loads_queues_and_succeeds_in_the_editor(page, server, path, artifacts):
     from supercond.tools import browser
@@ -60,6 +75,7 @@ def test_example_loads_queues_and_succeeds_in_the_editor(page, server, path, art
         requests.post(f"{server.url}/queue", json={"clear": True}, timeout=10)
     assert result["status"] == "success", result
     assert not page.page_errors, page.page_errors
+    _outputs_are_where_they_belong(server, result["promptId"], path.stem, artifacts)
     # trainer nodes: the live loss chart received the run's losses over the websocket and drew them
     charts = page.evaluate("""() => window.app.graph._nodes.filter(n => n.__scLoss).map(n => ({
         type: n.type, points: n.__scLoss.points.length, total: n.__scLoss.total,
@@ -78,6 +94,26 @@ def test_example_loads_queues_and_succeeds_in_the_editor(page, server, path, art
     summaries = page.evaluate("""() => window.app.graph._nodes.filter(n => n.type === 'SupercondLoadDataset')
         .map(n => n.__scSummary?.textContent ?? null)""")
     assert all(s and " images, " in s and "cache: " in s for s in summaries), summaries
+
+
+def _outputs_are_where_they_belong(server, prompt_id: str, stem: str, artifacts) -> None:
+    """The run's images came back through /view, trained files landed in the server's own folders (first in
+    folder_paths: never ComfyUI's or the fixtures'), and the noise-to-signal plot was shown."""
+    entry = requests.get(f"{server.url}/history/{prompt_id}", timeout=30).json()[prompt_id]
+    prompt = entry["prompt"][2]
+    images = [(node, img) for node, ui in sorted(entry["outputs"].items()) for img in ui.get("images", [])]
+    assert images, "the workflow produced no image"
+    for i, (node, img) in enumerate(images):
+        png = requests.get(f"{server.url}/view", params={"filename": img["filename"], "subfolder": img["subfolder"],
+                                                           "type": img["type"]}, timeout=30).content
+        assert png.startswith(b"\x89PNG"), (node, img)
+        (artifacts / f"e2e_{stem}_{node}_{i}.png").write_bytes(png)
+    for trainer, folder in (("SupercondTrainLoRA", server.loras_dir), ("SupercondTrainHead", server.heads_dir),
+                            ("SupercondFitSchedule", server.schedules_dir)):
+        if any(v["class_type"] == trainer for v in prompt.values()):
+            assert list(folder.rglob("*.safetensors")), f"{trainer} saved nothing in {folder}"
+    if any(v["class_type"] == "SupercondPlotPerturbation" for v in prompt.values()):
+        assert any(prompt[n]["class_type"] == "SupercondPlotPerturbation" for n, _ in images), "no plot shown"
 
 
 def _widget(node: dict, name: str):

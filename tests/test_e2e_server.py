@@ -1,8 +1,9 @@
 """Tier C: the real ComfyUI server with only this pack, driven through its API queue.
 
-Every UI workflow in workflows/ is converted (comfy-cli's port of the frontend's graphToPrompt)
-and run on the generated fixtures; the perturbation guarantees are checked on the images that
-come back from /view.
+The example workflows, converted (comfy-cli's port of the frontend's graphToPrompt), run on the
+generated fixtures; the perturbation guarantees are checked on the images that come back from /view.
+That every example runs to success, with its images, files and plots, is checked once, in the browser
+tier, on the prompt the real editor queues (tests/test_browser.py).
 """
 
 from __future__ import annotations
@@ -55,25 +56,6 @@ def test_examples_are_listed_as_templates(client):
     templates = client.get("/workflow_templates").json()
     listed = {stem for stems in templates.values() for stem in stems}
     assert {p.stem for p in EXAMPLES} <= listed
-
-
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
-def test_every_example_workflow_runs(server, client, object_info, path, artifacts):
-    prompt = workflows.shrink(workflows.retarget(workflows.to_api(workflows.load(path), object_info)))
-    result = client.run(prompt)
-    assert result.status == "success", (result.error or {}).get("exception_message", result.error)
-    images = client.images(result)
-    assert images, "the workflow produced no image"
-    for i, (node, png) in enumerate(images):
-        (artifacts / f"e2e_{path.stem}_{node}_{i}.png").write_bytes(png)
-    # trained files land in the server's own folders (first in folder_paths), never in ComfyUI's or the fixtures'
-    for trainer, folder in (("SupercondTrainLoRA", server.loras_dir), ("SupercondTrainHead", server.heads_dir),
-                            ("SupercondFitSchedule", server.schedules_dir)):
-        if any(v["class_type"] == trainer for v in prompt.values()):
-            assert list(folder.rglob("*.safetensors")), f"{trainer} saved nothing in {folder}"
-    plots = [n for n, _ in images if prompt[n]["class_type"] == "SupercondPlotPerturbation"]
-    if any(v["class_type"] == "SupercondPlotPerturbation" for v in prompt.values()):
-        assert plots, "the noise-to-signal plot was not shown"
 
 
 @pytest.mark.parametrize("family", ["eps", "v", "flow"])

@@ -104,3 +104,30 @@ def test_every_number_and_choice_is_checked_when_queued(node_classes):
                 assert isinstance(answer, str) and i.id in answer, (schema.node_id, i.id, value, answer)
         defaults = {i.id: i.default for i in checked if getattr(i, "default", None) is not None}
         assert cls.validate_inputs(**defaults) is True, schema.node_id
+
+
+DOCS = Path(__file__).resolve().parent.parent / "js" / "docs"
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.replace("`", "").split())
+
+
+def test_every_node_has_a_help_page_that_says_what_its_schema_says(node_classes):
+    """The frontend's node library shows <web directory>/docs/<node_id>.md (js/docs/ here; the browser tier
+    opens some): a page per node, quoting the node's description and every input's tooltip as the schema
+    has them (so page and tooltip cannot drift apart), and every image and example workflow it names exists."""
+    import re
+
+    for cls in node_classes:
+        schema = cls.GET_SCHEMA()
+        page = _flat((DOCS / f"{schema.node_id}.md").read_text(encoding="utf-8"))
+        assert _flat(schema.description) in page, f"{schema.node_id}.md: the description differs from the schema's"
+        for spec in schema.inputs:
+            assert f"**{spec.id}**" in page, f"{schema.node_id}.md does not describe input {spec.id}"
+            if spec.tooltip:
+                assert _flat(spec.tooltip) in page, f"{schema.node_id}.md: {spec.id}'s text differs from its tooltip"
+        for image in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", page):
+            assert (DOCS / image).is_file(), f"{schema.node_id}.md shows {image}, which is not in js/docs/"
+        for name in re.findall(r"workflows/([\w.-]+\.json)", page):
+            assert (DOCS.parent.parent / "workflows" / name).is_file(), f"{schema.node_id}.md names {name}"

@@ -173,3 +173,25 @@ def screenshot(page: Any, path: Path, quality: int | None = None) -> Path:
     kwargs = {"type": "jpeg", "quality": quality or 80} if path.suffix == ".jpg" else {}
     page.screenshot(path=str(path), **kwargs)
     return path
+
+
+def open_node_help(page: Any, node_id: str, timeout_ms: int = 30_000) -> str:
+    """Open a node's help page in the node library sidebar, as its "?" button does (the frontend's own
+    nodeHelp store and renderer, fetching <web directory>/docs/<node_id>.md from the server); returns the
+    rendered text. The sidebar tab is opened through its command, the store reached through Pinia."""
+    page.evaluate("""async () => {
+        const sidebar = window.app.extensionManager.sidebarTab;
+        if (sidebar?.activeSidebarTabId !== 'node-library')
+            await window.app.extensionManager.command.execute('Workspace.ToggleSidebarTab.node-library');
+    }""")
+    page.wait_for_function("""() => document.querySelector('#vue-app').__vue_app__.config.globalProperties
+        .$pinia._s.has('nodeHelp')""", timeout=timeout_ms)
+    page.evaluate("""(id) => {
+        const stores = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s;
+        const def = stores.get('nodeDef').nodeDefsByName[id];
+        if (!def) throw new Error(`no node definition ${id}`);
+        stores.get('nodeHelp').openHelp(def);
+    }""", node_id)
+    page.wait_for_function("() => (document.querySelector('.node-help-content')?.innerText ?? '').length > 200",
+                           timeout=timeout_ms)
+    return page.evaluate("() => document.querySelector('.node-help-content').innerText")
