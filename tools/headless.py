@@ -156,11 +156,21 @@ def validate(prompt: dict, node: str) -> None:
             for n, reasons in wrong))
 
 
+def _executor(execution, reports):
+    """ComfyUI's PromptExecutor with its classic cache. Newer ComfyUI takes the cache settings as a dict and
+    reads its RAM headroom (GiB) on every run (docs/compat.md); 0.3.64 takes none of it."""
+    import inspect
+
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        return execution.PromptExecutor(reports, cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
+    return execution.PromptExecutor(reports)
+
+
 def execute(prompt: dict, node: str) -> None:
     """Run ``node`` and the nodes it depends on (nothing downstream), as the server would."""
     import execution
 
-    executor = execution.PromptExecutor(_Reports())
+    executor = _executor(execution, _Reports())
     executor.execute(prompt, uuid.uuid4().hex, {}, [node])
     if not executor.success:
         error = next((d for e, d in executor.status_messages if e == "execution_error"), None)

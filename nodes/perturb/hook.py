@@ -92,7 +92,8 @@ class PerturbHook:
 
     # -- wrappers ------------------------------------------------------------------------
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, denoise_mask, callback,
-                     disable_pbar, seed):
+                     disable_pbar, seed, *args, **kwargs):
+        # *args, **kwargs: what newer ComfyUI adds to the chain (latent_shapes=, docs/compat.md), passed on as is
         guider = executor.class_obj
         fam = fm.family_of(guider.model_patcher, self.node)
         for name in _BRANCH_NAMES[self.config.branch]:
@@ -107,7 +108,8 @@ class PerturbHook:
         previous = options.get(self._key)
         options[self._key] = state
         try:
-            return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+            return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, *args,
+                            **kwargs)
         finally:
             if previous is None:
                 options.pop(self._key, None)

@@ -92,6 +92,17 @@ def _base_copy(model: Any, path: str) -> nn.Module:
     return mod.requires_grad_(False)
 
 
+def _string_to_seed():
+    """ComfyUI's seed for stochastic rounding: comfy.utils.string_to_seed in newer ComfyUI, where the
+    comfy.model_patcher name is a shim that warns on every call (docs/compat.md); 0.3.64 has only the latter."""
+    import comfy.utils
+
+    found = getattr(comfy.utils, "string_to_seed", None)
+    if found is None:
+        from comfy.model_patcher import string_to_seed as found
+    return found
+
+
 def _patched_weight(model: Any, key: str, weight: torch.Tensor) -> torch.Tensor | None:
     """``weight`` with this MODEL's patches for ``key`` (None if it has none), computed as
     ModelPatcher.patch_weight_to_device does: in float32, then rounded to the weight's dtype with the
@@ -101,7 +112,7 @@ def _patched_weight(model: Any, key: str, weight: torch.Tensor) -> torch.Tensor 
         return None
     import comfy.float
     import comfy.lora
-    from comfy.model_patcher import string_to_seed
+    string_to_seed = _string_to_seed()
 
     out = comfy.lora.calculate_weight(patches, weight.to(torch.float32, copy=True), key)
     return comfy.float.stochastic_rounding(out, weight.dtype, seed=string_to_seed(key))
