@@ -7,6 +7,7 @@ import logging
 
 from comfy_api.v0_0_2 import ComfyExtension, io
 
+from . import selfcheck
 from .perturb import nodes as perturb
 from .schedules import fit as schedule_fit
 from .schedules import nodes as schedules
@@ -18,7 +19,10 @@ log = logging.getLogger("supercond")
 
 class SupercondExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*perturb.NODES, *schedules.NODES, *schedule_fit.NODES, *singlepass.NODES, *dataset.NODES, *lora.NODES, *head.NODES]
+        found = [*perturb.NODES, *schedules.NODES, *schedule_fit.NODES, *singlepass.NODES, *dataset.NODES,
+                 *lora.NODES, *head.NODES]
+        selfcheck.check(found)  # a node this ComfyUI cannot run is kept, and says why when queued
+        return found
 
 
 async def comfy_entrypoint() -> SupercondExtension:

@@ -20,6 +20,15 @@ class CheckedNode(io.ComfyNode):
     relations. Linked inputs are not known at queue time (None here): execute checks them."""
 
     FILE_INPUTS: tuple[str, ...] = ()  # combos listing files: their node's relations say what is missing
+    unavailable: str | None = None  # why this ComfyUI cannot run the node (nodes/selfcheck.py), else None
+
+    @classmethod
+    def EXECUTE_NORMALIZED(cls, *args, **kwargs):  # noqa: N802 - ComfyUI's name for running a V3 node
+        if cls.unavailable:
+            from .errors import InputError
+
+            raise InputError(cls.unavailable)
+        return super().EXECUTE_NORMALIZED(*args, **kwargs)
 
     @classmethod
     def relations(cls, **values: object) -> str | None:
@@ -37,7 +46,7 @@ def _checked_names(cls: type[CheckedNode]) -> list[str]:
 
 def _validator(names: list[str]):
     def validate_inputs(cls, **values: object) -> bool | str:  # ComfyUI passes keywords only
-        return schema_problem(cls, **{k: v for k, v in values.items() if k not in cls.FILE_INPUTS}) or \
+        return cls.unavailable or schema_problem(cls, **{k: v for k, v in values.items() if k not in cls.FILE_INPUTS}) or \
             cls.relations(**values) or True
 
     # ComfyUI passes (and skips its own checks for) exactly the parameters this signature names.

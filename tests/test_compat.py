@@ -78,3 +78,36 @@ def test_string_to_seed_is_taken_from_where_this_comfyui_has_it(comfy, monkeypat
     newer = lambda text: 42  # noqa: E731
     monkeypatch.setattr(comfy.utils, "string_to_seed", newer, raising=False)
     assert _string_to_seed() is newer
+
+
+def test_a_node_whose_internal_is_missing_says_so_and_the_others_work(comfy, monkeypatch, caplog):
+    """Start-up self-check, with one internal taken away as a newer ComfyUI might: all 18 nodes are still
+    registered, one log line names the node and what is missing, queueing and running that node give the
+    same sentence, every other node is untouched; with the internal back the node works again."""
+    import asyncio
+    import logging
+
+    import comfy.patcher_extension
+
+    from supercond.nodes import comfy_entrypoint
+    from supercond.nodes.errors import InputError
+
+    ext = asyncio.run(comfy_entrypoint())
+    monkeypatch.delattr(comfy.patcher_extension.WrappersMP, "PREDICT_NOISE")
+    with caplog.at_level(logging.ERROR, logger="supercond"):
+        classes = asyncio.run(ext.get_node_list())
+    by_id = {cls.define_schema().node_id: cls for cls in classes}
+    node = by_id.pop("SupercondEpsilonScaling")
+    assert len(classes) == 18 and node.unavailable is not None
+    assert "SupercondEpsilonScaling cannot work with this ComfyUI" in node.unavailable
+    assert "comfy.patcher_extension.WrappersMP.PREDICT_NOISE" in node.unavailable
+    logged = [r.getMessage() for r in caplog.records if "cannot work" in r.getMessage()]
+    assert len(logged) == 1 and node.unavailable in logged[0]
+    assert all(cls.unavailable is None for cls in by_id.values())
+    assert node.validate_inputs() == node.unavailable  # the queue refuses it with the sentence
+    with pytest.raises(InputError) as err:
+        node.EXECUTE_NORMALIZED(model=None, k=0.0, b=1.0)
+    assert str(err.value) == node.unavailable
+    monkeypatch.undo()
+    asyncio.run(ext.get_node_list())
+    assert node.unavailable is None and node.validate_inputs() is True
