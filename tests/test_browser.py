@@ -4,17 +4,31 @@ they belong, shows the pack's own UI, and leaves a screenshot."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import requests
 from conftest import require
 
-from supercond.tools import paths, workflows
+from supercond.tools import frontends, paths, workflows
 
 pytestmark = [pytest.mark.comfy, pytest.mark.server, pytest.mark.browser]
 
 
-@pytest.fixture(scope="module")
-def page(server):
+@dataclass
+class Frontend:
+    name: str  # "bundled" or the version of the newest comfyui-frontend-package
+    server: object
+    page: object
+
+    def shot(self, stem: str) -> str:
+        return f"{stem}.png" if self.name == "bundled" else f"{stem}_frontend_{self.name}.png"
+
+
+@pytest.fixture(scope="module", params=["bundled", frontends.NEWEST])
+def ui(request, server, comfyui, models_dir, tmp_path_factory):
+    """The editor in headless Chromium, once with the frontend bundled with this ComfyUI (the session
+    server) and once with the newest comfyui-frontend-package (a server of its own, --front-end-root)."""
     try:
         import playwright  # noqa: F401
         have_playwright = True
@@ -23,32 +37,53 @@ def page(server):
     require("Playwright", have_playwright, "pip install playwright (the README's set-up does it)")
     require("Chromium", paths.chromium_path() is not None, "apt-get install chromium")
     from supercond.tools.browser import open_app
+    from supercond.tools.server import ComfyServer
 
-    with open_app(server.url) as p:
-        yield p
+    own = None
+    if request.param != "bundled":
+        own = ComfyServer(comfyui, tmp_path_factory.mktemp("comfy_frontend"), models_dir=models_dir, standins=True,
+                          front_end_root=frontends.newest_static(request.param)).start()
+    try:
+        with open_app((own or server).url) as p:
+            yield Frontend(request.param, own or server, p)
+    finally:
+        if own is not None:
+            alive = own.alive()
+            own.stop()
+            assert alive, f"the server died during the tests:\n{own.log_tail()}"
 
 
-def test_the_frontend_extension_is_loaded(page):
-    assert page.evaluate("() => window.app.extensions.some(e => e.name === 'supercond.core')")
+def test_the_frontend_extension_is_loaded(ui):
+    assert ui.page.evaluate("() => window.app.extensions.some(e => e.name === 'supercond.core')")
+
+
+def test_the_examples_are_in_the_template_browser(ui):
+    from supercond.tools import browser
+
+    names = browser.template_names(ui.page, paths.PACK_DIR.name)
+    assert {p.stem for p in workflows.example_paths()} <= set(names), names
 
 
 @pytest.mark.parametrize("node_id", ["SupercondCEP", "SupercondScheduleSigmas", "SupercondSinglePass",
                                      "SupercondTrainLoRA"])  # one per capability
-def test_the_node_library_shows_the_nodes_help_page(page, node_id, artifacts):
+def test_the_node_library_shows_the_nodes_help_page(ui, node_id, artifacts):
     from supercond.tools import browser
 
+    page = ui.page
     md = (paths.PACK_DIR / "js" / "docs" / f"{node_id}.md").read_text(encoding="utf-8")
     title = md.splitlines()[0].removeprefix("# ")
-    text = browser.open_node_help(page, node_id)
-    browser.screenshot(page, artifacts / f"help_{node_id}.png")
     # the page, not the frontend's fallback (description and an inputs table): only the page has this line
-    assert title in text and f"{node_id} · category" in text, text[:500]
+    text = browser.open_node_help(page, node_id, expect=f"{node_id} · category")
+    browser.screenshot(page, artifacts / ui.shot(f"help_{node_id}"))
+    assert title in text
     assert not page.page_errors, page.page_errors
 
 
 @pytest.mark.parametrize("path", workflows.example_paths(), ids=lambda p: p.stem)
-def test_example_loads_queues_and_succeeds_in_the_editor(page, server, path, artifacts):
+def test_example_loads_queues_and_succeeds_in_the_editor(ui, path, artifacts):
     from supercond.tools import browser
+
+    page, server = ui.page, ui.server
 
     wf = workflows.load(path)
     browser.load_workflow(page, wf)
@@ -62,14 +97,14 @@ def test_example_loads_queues_and_succeeds_in_the_editor(page, server, path, art
                 [widget, name, fixture],
             )
     browser.use_standin_encoders(page, workflows.STANDIN, workflows.STANDIN_FOR_CLIP_TYPE, workflows.CLIP_LOADERS)
-    browser.shrink_graph(page, size=64, max_steps=3)
+    browser.shrink_graph(page, size=64, max_steps=2)
     browser.set_widgets(page, "KSampler", {"seed": 1234})
     # live previews ComfyUI's progress bar sends for a node (the trainer's sample images), by node id
     page.evaluate("""() => { window.__scPreviews = [];
         window.app.api.addEventListener('b_preview_with_metadata', (e) =>
             window.__scPreviews.push(String(e.detail.displayNodeId ?? e.detail.nodeId))); }""")
     result = browser.queue_and_wait(page, timeout_ms=300_000)
-    browser.screenshot(page, artifacts / f"browser_{path.stem}.png")
+    browser.screenshot(page, artifacts / ui.shot(f"browser_{path.stem}"))
     if result["status"] != "success":  # don't leave a long run blocking the next tests
         requests.post(f"{server.url}/interrupt", json={}, timeout=10)
         requests.post(f"{server.url}/queue", json={"clear": True}, timeout=10)

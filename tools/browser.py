@@ -175,23 +175,51 @@ def screenshot(page: Any, path: Path, quality: int | None = None) -> Path:
     return path
 
 
-def open_node_help(page: Any, node_id: str, timeout_ms: int = 30_000) -> str:
-    """Open a node's help page in the node library sidebar, as its "?" button does (the frontend's own
-    nodeHelp store and renderer, fetching <web directory>/docs/<node_id>.md from the server); returns the
-    rendered text. The sidebar tab is opened through its command, the store reached through Pinia."""
-    page.evaluate("""async () => {
-        const sidebar = window.app.extensionManager.sidebarTab;
-        if (sidebar?.activeSidebarTabId !== 'node-library')
-            await window.app.extensionManager.command.execute('Workspace.ToggleSidebarTab.node-library');
-    }""")
-    page.wait_for_function("""() => document.querySelector('#vue-app').__vue_app__.config.globalProperties
-        .$pinia._s.has('nodeHelp')""", timeout=timeout_ms)
-    page.evaluate("""(id) => {
+def open_node_help(page: Any, node_id: str, expect: str, timeout_ms: int = 30_000) -> str:
+    """Open a node's help page as a user would see it, and wait until the page shows ``expect``; returns the
+    text on screen. The frontend fetches <web directory>/docs/<node_id>.md and renders it. Where it shows
+    differs: frontend 1.27 opens it in the node library sidebar (its "?" button: the nodeHelp store); newer
+    ones (1.58) in the right-side panel's Info tab of the selected node. Pinia's stores are reached through
+    the Vue app, the sidebar tab through its command."""
+    page.evaluate("""async (id) => {
         const stores = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s;
+        if (stores.has('rightSidePanel')) {  // newer frontends: select a node of that type, show its Info tab
+            const node = window.LiteGraph.createNode(id);
+            node.pos = [100, 100];
+            window.app.graph.add(node);
+            window.app.canvas.selectNode(node);
+            stores.get('rightSidePanel').openPanel('info');
+            return;
+        }
+        if (window.app.extensionManager.sidebarTab?.activeSidebarTabId !== 'node-library')
+            await window.app.extensionManager.command.execute('Workspace.ToggleSidebarTab.node-library');
+    }""", node_id)
+    page.evaluate("""async ([id, timeout]) => {
+        const stores = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s;
+        if (stores.has('rightSidePanel')) return;
+        const until = Date.now() + timeout;
+        while (!stores.has('nodeHelp') && Date.now() < until) await new Promise((r) => setTimeout(r, 100));
         const def = stores.get('nodeDef').nodeDefsByName[id];
         if (!def) throw new Error(`no node definition ${id}`);
         stores.get('nodeHelp').openHelp(def);
-    }""", node_id)
-    page.wait_for_function("() => (document.querySelector('.node-help-content')?.innerText ?? '').length > 200",
-                           timeout=timeout_ms)
-    return page.evaluate("() => document.querySelector('.node-help-content').innerText")
+    }""", [node_id, timeout_ms])
+    page.wait_for_function("(expect) => document.body.innerText.includes(expect)", arg=expect, timeout=timeout_ms)
+    return page.evaluate("() => document.body.innerText")
+
+
+def template_names(page: Any, module: str, timeout_ms: int = 30_000) -> list[str]:
+    """The workflows the template browser lists under a custom node's ``module`` (its folder name): the
+    dialog opened as its menu item does (command Comfy.BrowseTemplates), read from the frontend's
+    workflowTemplates store (frontends 1.27 and 1.58 both group them in ``groupedTemplates``), closed again."""
+    page.evaluate("async () => await window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    names = page.evaluate("""async ([module, timeout]) => {
+        const stores = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s;
+        const until = Date.now() + timeout;
+        while (!(stores.get('workflowTemplates')?.isLoaded) && Date.now() < until)
+            await new Promise((r) => setTimeout(r, 100));
+        const groups = stores.get('workflowTemplates')?.groupedTemplates ?? [];
+        return groups.flatMap((g) => g.modules).filter((m) => m.moduleName === module)
+            .flatMap((m) => m.templates.map((t) => t.name));
+    }""", [module, timeout_ms])
+    page.keyboard.press("Escape")
+    return names

@@ -65,8 +65,10 @@ class ComfyServer:
     """``python main.py --cpu`` in a subprocess, the pack loaded through extra_model_paths."""
 
     def __init__(self, comfyui: Path, workdir: Path, models_dir: Path | None = None,
-                 python: str = sys.executable, port: int | None = None, standins: bool = False) -> None:
+                 python: str = sys.executable, port: int | None = None, standins: bool = False,
+                 front_end_root: Path | None = None) -> None:
         self.comfyui = Path(comfyui)
+        self.front_end_root = front_end_root  # another frontend's static folder (tools/frontends.py)
         self.standins = standins  # also load the test-only stand-in text encoders (tests/comfy_packs)
         self.workdir = Path(workdir)
         self.models_dir = models_dir
@@ -124,6 +126,7 @@ class ComfyServer:
             "--output-directory", str(self.workdir / "output"),
             "--temp-directory", str(self.workdir / "temp"),
             "--user-directory", str(self.workdir / "user"),
+            *(["--front-end-root", str(self.front_end_root)] if self.front_end_root else []),
         ]
         log.info("starting ComfyUI: %s", " ".join(cmd))
         self._log_file = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
