@@ -4,11 +4,14 @@ they belong, shows the pack's own UI, and leaves a screenshot."""
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import requests
 from conftest import require
+from PIL import Image
 
 from supercond.tools import frontends, paths, workflows
 
@@ -139,10 +142,10 @@ def _outputs_are_where_they_belong(server, prompt_id: str, stem: str, artifacts)
     images = [(node, img) for node, ui in sorted(entry["outputs"].items()) for img in ui.get("images", [])]
     assert images, "the workflow produced no image"
     for i, (node, img) in enumerate(images):
-        png = requests.get(f"{server.url}/view", params={"filename": img["filename"], "subfolder": img["subfolder"],
-                                                           "type": img["type"]}, timeout=30).content
-        assert png.startswith(b"\x89PNG"), (node, img)
-        (artifacts / f"e2e_{stem}_{node}_{i}.png").write_bytes(png)
+        data = requests.get(f"{server.url}/view", params={"filename": img["filename"], "subfolder": img["subfolder"],
+                                                            "type": img["type"]}, timeout=30).content
+        Image.open(io.BytesIO(data)).verify()  # a whole image file (PNG, or WEBP from SaveAnimatedWEBP)
+        (artifacts / f"e2e_{stem}_{node}_{i}{Path(img['filename']).suffix}").write_bytes(data)
     for trainer, folder in (("SupercondTrainLoRA", server.loras_dir), ("SupercondTrainHead", server.heads_dir),
                             ("SupercondFitSchedule", server.schedules_dir)):
         if any(v["class_type"] == trainer for v in prompt.values()):
