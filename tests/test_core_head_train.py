@@ -366,6 +366,12 @@ class _Lockstep:
         return Across()
 
 
+def _alone(trainer, steps: int):
+    for _ in range(steps):
+        trainer.train_step()
+    return trainer
+
+
 def _in_lockstep(make, world: int, steps: int) -> list:
     """``make(rank, across)`` -> trainer, run ``steps`` steps on ``world`` threads; returns the trainers."""
     hub = _Lockstep(world)
@@ -402,9 +408,7 @@ def test_two_processes_with_half_the_batch_each_train_the_head_as_one_with_the_w
         return HeadTrainer(cfg, list(head.parameters()), lambda f, x, s: head(f), torch.tensor([1.0]),
                            teach=toy.teach, pool=pool, shard=(rank, world), across=across)
 
-    one = distill(0, None, 1)
-    for _ in range(steps):
-        one.train_step()
+    one = _alone(distill(0, None, 1), steps)
     two = _in_lockstep(lambda r, a: distill(r, a, 2), 2, steps)
     for t in two:
         assert t.losses == pytest.approx(one.losses, rel=1e-5)
@@ -420,9 +424,7 @@ def test_two_processes_with_half_the_batch_each_train_the_head_as_one_with_the_w
         t.toy = g
         return t
 
-    one = gist(0, None, 1)
-    for _ in range(steps):
-        one.train_step()
+    one = _alone(gist(0, None, 1), steps)
     two = _in_lockstep(lambda r, a: gist(r, a, 2), 2, steps)
     for t in two:
         assert t.losses == pytest.approx(one.losses, rel=1e-5)

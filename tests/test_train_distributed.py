@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from prompts import find, pixels, set_inputs
+from prompts import find, set_inputs
 from safetensors.torch import load_file
+from test_train_e2e import saved_image
 
 from supercond.tools import workflows
 from supercond.tools.paths import PACK_DIR
@@ -130,7 +131,7 @@ def test_one_process_is_the_node_and_the_node_on_two_processes_is_twice_the_batc
     stock[find(stock, "KSampler")]["inputs"]["model"] = ["900", 0]
     r2 = client.run(stock)
     assert r2.status == "success", _said(r2.error)
-    assert np.array_equal(_saved_image(client, r, two), _saved_image(client, r2, stock))
+    assert np.array_equal(saved_image(client, r, two), saved_image(client, r2, stock))
 
 
 def test_a_run_resumes_on_another_number_of_processes(server, base_prompt, tmp_path, straight):
@@ -229,10 +230,6 @@ def _rank_of(pid: int) -> str | None:
     except OSError:
         return None
     return env.get(b"RANK", b"").decode() or None
-
-
-def _saved_image(client, result, prompt) -> np.ndarray:
-    return [pixels(png) for node, png in client.images(result) if prompt[node]["class_type"] == "SaveImage"][0]
 
 
 def _said(error) -> str:

@@ -181,7 +181,7 @@ def open_node_help(page: Any, node_id: str, expect: str, timeout_ms: int = 30_00
     differs: frontend 1.27 opens it in the node library sidebar (its "?" button: the nodeHelp store); newer
     ones (1.58) in the right-side panel's Info tab of the selected node. Pinia's stores are reached through
     the Vue app, the sidebar tab through its command."""
-    page.evaluate("""async (id) => {
+    page.evaluate("""async ([id, timeout]) => {
         const stores = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s;
         if (stores.has('rightSidePanel')) {  // newer frontends: select a node of that type, show its Info tab
             const node = window.LiteGraph.createNode(id);
@@ -193,11 +193,7 @@ def open_node_help(page: Any, node_id: str, expect: str, timeout_ms: int = 30_00
         }
         if (window.app.extensionManager.sidebarTab?.activeSidebarTabId !== 'node-library')
             await window.app.extensionManager.command.execute('Workspace.ToggleSidebarTab.node-library');
-    }""", node_id)
-    page.evaluate("""async ([id, timeout]) => {
-        const stores = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s;
-        if (stores.has('rightSidePanel')) return;
-        const until = Date.now() + timeout;
+        const until = Date.now() + timeout;  // the sidebar creates the nodeHelp store when it mounts
         while (!stores.has('nodeHelp') && Date.now() < until) await new Promise((r) => setTimeout(r, 100));
         const def = stores.get('nodeDef').nodeDefsByName[id];
         if (!def) throw new Error(`no node definition ${id}`);

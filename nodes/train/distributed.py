@@ -64,17 +64,8 @@ def parallel(call: Callable, *trained: torch.nn.Module | None) -> Callable:
 
 def mean_across() -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The average of a tensor over the ranks (the step's loss), or None with one process."""
-    world = shard()[1]
-    if world == 1:
-        return None
-    import torch.distributed as dist
-
-    def mean(value: torch.Tensor) -> torch.Tensor:
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        return value / world
-
-    return mean
+    found = across()
+    return found.mean if found is not None else None
 
 
 class _Across:

@@ -184,13 +184,13 @@ class SupercondTrainLoRA(CheckedNode):
         train_run.check_writable(stem.parent, "LoRA files")
         fm.check_conditioning(fam, conditioning, NODE)
         data = dataset_from(latents, conditioning, masked_loss, with_text=text_encoder_lr > 0)
-        run = Run(stem, save_every, gradient_checkpointing, resume, node_id, keep_last, export_format,
-                  sample_every, sample_prompts, vae, clip, validation_split, validate_every)
         if processes > 1 and not ranks.in_rank():
             done = ranks.run(cls.hidden.prompt, node_id, processes, NODE, stem.parent)
             path, losses, val_losses = done["path"], done["losses"], [tuple(v) for v in done["val_losses"]]
             sd = comfy.utils.load_torch_file(path, safe_load=True)  # what rank 0 saved, as LoraLoader reads it
         else:
+            run = Run(stem, save_every, gradient_checkpointing, resume, node_id, keep_last, export_format,
+                      sample_every, sample_prompts, vae, clip, validation_split, validate_every)
             with train_run.memory_guard(NODE, "lower batch_size, rank or the dataset's resolution "
                                         "(grad_accumulation keeps the effective batch)"):
                 path, trainer, sd = train(model, data, cfg, run)
