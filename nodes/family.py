@@ -304,6 +304,16 @@ def _groups(conds: list[dict[str, Any]]) -> list[list[int]]:
     return groups
 
 
+def split_to(groups: list[list[int]], calls: int) -> list[list[int]]:
+    """``groups`` with the largest halved until there are ``calls`` of them or each holds one row."""
+    groups = [list(g) for g in groups]
+    while len(groups) < calls and max(map(len, groups)) > 1:
+        big = max(range(len(groups)), key=lambda i: len(groups[i]))
+        g = groups.pop(big)
+        groups[big:big] = [g[:len(g) // 2], g[len(g) // 2:]]
+    return groups
+
+
 class ModelCall:
     """(x_in, sigma, rows) -> x0 estimate through the model's ``apply_model`` (its patches and
     transformer_options included), one cond row per latent, called as the sampler calls it: each row's
@@ -315,13 +325,15 @@ class ModelCall:
         self.device = device
         self.topts = dict(model.model_options.get("transformer_options", {}))
 
-    def batches(self, x_in: torch.Tensor, rows: Sequence[Cond]) -> list[tuple[list[int], dict[str, Any]]]:
-        """(row indices, model kwargs) of each model call, in ComfyUI's batching."""
+    def batches(self, x_in: torch.Tensor, rows: Sequence[Cond],
+                calls: int | None = None) -> list[tuple[list[int], dict[str, Any]]]:
+        """(row indices, model kwargs) of each model call, in ComfyUI's batching; with ``calls``, the
+        largest batches halved until there are that many calls (or one row each)."""
         if len(rows) != x_in.shape[0]:
             raise ValueError(f"{x_in.shape[0]} latents but {len(rows)} conditionings")
         conds = [model_conds(self.base, x_in[i:i + 1], r, self.device) for i, r in enumerate(rows)]
         out = []
-        for g in _groups(conds):
+        for g in split_to(_groups(conds), calls or 0):
             first = conds[g[0]]
             out.append((g, {k: first[k].concat([conds[i][k] for i in g[1:]]) for k in first}))
         return out

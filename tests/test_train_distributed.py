@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import uuid
 from pathlib import Path
@@ -135,14 +136,22 @@ def test_one_process_is_the_node_and_the_node_on_two_processes_is_twice_the_batc
 
 
 def test_a_run_resumes_on_another_number_of_processes(server, base_prompt, tmp_path, straight):
-    """Step 1 on 2 processes, resumed on 1 to step 2 (2 -> 1), resumed on 2 to step 3 (1 -> 2): each step's
-    LoRA file, and the last state, equal the straight one-process run's."""
+    """Step 1 on 2 processes with the base sharded (--shard-base, a sample preview rendered by both), resumed
+    on 1 to step 2 (2 -> 1), resumed on 2 to step 3 (1 -> 2): each step's LoRA file, and the last state, equal
+    the straight one-process run's; each sharded rank held half the base's weights."""
     folder = server.loras_dir / "supercond_test"
     stem = f"resumed_{uuid.uuid4().hex[:6]}"
-    for processes, steps in ((2, 1), (1, 2), (2, STEPS)):
+    for processes, steps, options in ((2, 1, ("--shard-base",)), (1, 2, ()), (2, STEPS, ())):
         p = set_inputs(base_prompt, "SupercondTrainLoRA", filename_prefix=f"supercond_test/{stem}", steps=steps,
-                       batch_size=2 // processes, resume=steps > 1)
-        run_ok(server, tmp_path, p, "--processes", str(processes))
+                       batch_size=2 // processes, resume=steps > 1, sample_every=1 if options else 0,
+                       gradient_checkpointing=bool(options))
+        r = train(server, tmp_path, p, "--processes", str(processes), *options)
+        assert r.returncode == 0, r.stderr[-3000:]
+        if options:
+            held, whole = (float(x) for x in re.search(r"this rank holds ([\d.]+) of its ([\d.]+) MiB",
+                                                       r.stderr).groups())
+            assert whole > 1 and 0.45 < held / whole < 0.55, (held, whole)
+            assert (folder / f"{stem}_000001_sample_00.png").is_file()
     for step in range(1, STEPS + 1):
         got, want = weights(folder, stem, step), weights(folder, straight, step)
         for k, v in got.items():
@@ -151,8 +160,9 @@ def test_a_run_resumes_on_another_number_of_processes(server, base_prompt, tmp_p
 
 
 def test_the_workflow_is_checked_before_anything_runs(server, base_prompt, tmp_path):
-    """--dry-run prints the API prompt of a UI-format workflow as the editor would queue it; a bad value and
-    a workflow without a trainer are refused with a sentence, before any training."""
+    """--dry-run prints the API prompt of a UI-format workflow as the editor would queue it; a bad value, a
+    workflow without a trainer and --shard-base on one process are refused with a sentence, before any
+    training."""
     from supercond.tools.server import ComfyClient
 
     wf = workflows.load(workflows.WORKFLOW_DIR / "lora_train.json")
@@ -181,21 +191,24 @@ def test_the_workflow_is_checked_before_anything_runs(server, base_prompt, tmp_p
     none = {k: v for k, v in base_prompt.items() if v["class_type"] != "SupercondTrainLoRA"}
     r = train(server, tmp_path, none)
     assert r.returncode == 2 and "the workflow has no trainer nodes" in r.stderr
+    r = train(server, tmp_path, base_prompt, "--shard-base")  # one process: nothing to shard across
+    assert r.returncode == 2 and "use it with --processes 2 or more" in r.stderr
 
 
 def test_a_killed_rank_stops_the_others_and_the_last_checkpoint_loads(server, base_prompt, tmp_path):
-    """SIGKILL to rank 1 mid-run: torchrun stops rank 0 within seconds and its report names rank 1; the
-    newest checkpoint (written by rank 0 through a temporary file) loads, and no temporary file remains."""
+    """SIGKILL to rank 1 mid-run (the base sharded, a validation loss every step, which both ranks compute):
+    torchrun stops rank 0 within seconds and its report names rank 1; the newest checkpoint (written by rank 0
+    through a temporary file) loads, and no temporary file remains."""
     import signal
     import time
 
     folder = server.loras_dir / "supercond_test"
     stem = f"kill_{uuid.uuid4().hex[:6]}"
     p = set_inputs(base_prompt, "SupercondTrainLoRA", filename_prefix=f"supercond_test/{stem}", steps=100_000,
-                   batch_size=1)
+                   batch_size=1, validation_split=0.25, validate_every=1)
     path = tmp_path / "kill.json"
     path.write_text(json.dumps(p))
-    proc = subprocess.Popen([str(PACK_DIR / "scripts" / "train"), str(path), "--processes", "2", "--",
+    proc = subprocess.Popen([str(PACK_DIR / "scripts" / "train"), str(path), "--processes", "2", "--shard-base", "--",
                              *comfy_options(server)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -213,6 +226,7 @@ def test_a_killed_rank_stops_the_others_and_the_last_checkpoint_loads(server, ba
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0 and stopped < 30, stopped
     assert "rank      : 1" in err and "SIGKILL" in err and "set resume on to continue" in err
+    assert "base sharded over 2 processes" in err and "step 2 validation loss" in err
     newest = sorted(folder.glob(stem + "_*.safetensors"))[-1]
     assert any(k.endswith("lora_up.weight") for k in load_file(str(newest)))
     states = sorted(folder.glob(stem + "_*.state.pt"))

@@ -26,6 +26,9 @@ TRAINERS = ("SupercondTrainLoRA", "SupercondTrainHead")
 HERE = Path(__file__).resolve().parent
 IN_RANK = "SUPERCOND_TRAIN_RANK"  # nodes/train/ranks.py reads it: a trainer node here ignores ``processes``
 EVENT_LINE = "@supercond-event "  # nodes/train/ranks.py reads these lines
+SHARD_ENV = "SUPERCOND_SHARD_BASE"  # nodes/train/sharding.py reads it
+SHARD_NEEDS_RANKS = ("--shard-base splits the base model across processes: use it with --processes 2 or more "
+                     "(or torchrun's --nnodes)")
 
 
 def _tools():
@@ -57,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="check the workflow as the server would, print it in API format with the trainer's id "
                         "as JSON, and stop before running anything")
+    p.add_argument("--shard-base", action="store_true",
+                   help="split the frozen base model's weights across the processes (FSDP2) instead of a whole "
+                        "copy on each; SupercondTrainLoRA, 2 or more processes")
     _internal(p)
     return p
 
@@ -79,10 +85,13 @@ def launch(argv: list[str]) -> int:
         _parser().error("--processes must be 1 or more")
     if not opts.workflow.is_file():
         _parser().error(f"{opts.workflow} is not a file")
+    if opts.shard_base and opts.processes == 1 and not torchrun_opts:
+        _parser().error(SHARD_NEEDS_RANKS)
     # The ranks' option is --trainer: torchrun would read --node as an abbreviation of its --node-rank.
     rank_args = [str(opts.workflow.resolve()), "--timeout", str(opts.timeout)] + (
         ["--trainer", opts.node] if opts.node else []) + (["--events"] if opts.events else []) + (
-        ["--folders", str(opts.folders.resolve())] if opts.folders else [])
+        ["--folders", str(opts.folders.resolve())] if opts.folders else []) + (
+        ["--shard-base"] if opts.shard_base else [])
     if opts.dry_run:
         return run_rank(rank_args + ["--dry-run", "--", *comfy_args])
     if opts.processes == 1 and not torchrun_opts:
@@ -136,6 +145,7 @@ def run_rank(argv: list[str]) -> int:
     p.add_argument("--trainer", dest="node")
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--shard-base", action="store_true")
     _internal(p)
     opts = p.parse_args(ours)
     os.environ[IN_RANK] = "1"
@@ -152,6 +162,9 @@ def run_rank(argv: list[str]) -> int:
             headless.use_folders(json.loads(opts.folders.read_text()))
         prompt = headless.as_prompt(_read(opts.workflow))
         node = pick_trainer(prompt, opts.node)
+        if opts.shard_base:
+            _can_shard(prompt[node]["class_type"], world)
+            os.environ[SHARD_ENV] = "1"
         headless.validate(prompt, node)
     except (headless.HeadlessError, ValueError, OSError) as e:
         log.error("scripts/train: %s", e)
@@ -177,6 +190,14 @@ def run_rank(argv: list[str]) -> int:
         if world > 1:
             torch.distributed.destroy_process_group()
     return 0
+
+
+def _can_shard(trainer: str, world: int) -> None:
+    if trainer != "SupercondTrainLoRA":
+        raise ValueError(f"--shard-base shards the base model of SupercondTrainLoRA; {trainer} keeps a whole "
+                         "copy on every process: leave --shard-base out")
+    if world < 2:
+        raise ValueError(SHARD_NEEDS_RANKS)
 
 
 def _one_gpu_each(local_rank: int, world: int) -> None:

@@ -197,7 +197,10 @@ class SupercondTrainLoRA(CheckedNode):
             losses, val_losses = trainer.losses, trainer.val_losses
             if ranks.in_rank() and distributed.writes():
                 events.trained({"path": str(path), "losses": losses, "val_losses": val_losses})
-        trained, trained_clip = comfy.sd.load_lora_for_models(model, clip, sd, 1.0, 1.0)
+        if ranks.in_rank():  # scripts/train runs the graph up to this node: nothing reads a rank's MODEL
+            trained, trained_clip = model, clip  # (and with --shard-base, its base is sharded)
+        else:
+            trained, trained_clip = comfy.sd.load_lora_for_models(model, clip, sd, 1.0, 1.0)
         curves = [("loss", range(1, len(losses) + 1), losses)]
         if val_losses:
             curves.append(("validation", [s for s, _ in val_losses], [v for _, v in val_losses]))

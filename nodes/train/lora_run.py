@@ -20,7 +20,7 @@ from ...core.train import TrainConfig, Trainer, TrainError, stored_row
 from ...core.train_data import DataError, TrainData, split_validation
 from .. import family as fm
 from ..errors import InputError
-from . import distributed, text_encoder
+from . import distributed, sharding, text_encoder
 from . import model as tm
 from . import run as train_run
 from .previews import Previewer, default_cfg, grid, parse_prompts, row_conditioning
@@ -137,8 +137,12 @@ def train(model, data: Data, cfg: TrainConfig, run: Run) -> tuple[Path, Trainer,
     rank, world = distributed.shard()
     cfg = replace(cfg, batch_size=cfg.batch_size * world)  # batch_size is per process; the state keeps the global
     mp = model.clone()
+    sharded = sharding.requested()
     with torch.inference_mode(False), torch.enable_grad(), ExitStack() as shared:
-        mm.load_models_gpu([mp], force_full_load=True)
+        if sharded:  # patched in the CPU's memory: only this rank's share of it goes to the device
+            mp.patch_model(device_to=mp.offload_device)
+        else:
+            mm.load_models_gpu([mp], force_full_load=True)
         device = mp.load_device
         dm = mp.model.diffusion_model
         shared.enter_context(tm.autograd_weights(dm))  # every clone shares dm: put back on the way out
@@ -151,6 +155,10 @@ def train(model, data: Data, cfg: TrainConfig, run: Run) -> tuple[Path, Trainer,
             te_net = LoRANetwork(text_encoder.te_layers(te_clip, fam.name, NODE), cfg.rank, cfg.alpha,
                                  seeded_generator(cfg.seed, 0x7E), device)
             encode_text = text_encoder.encoder(te_clip)
+        call = fm.ModelCall(mp, device)
+        if sharded:
+            sharding.shard_base(dm, device)
+            call = sharding.Lockstep(call)
         sigmas = mp.get_model_object("model_sampling").sigmas
         try:
             keep, held = split_validation(data.image_ids, run.validation_split, cfg.seed)
@@ -160,7 +168,7 @@ def train(model, data: Data, cfg: TrainConfig, run: Run) -> tuple[Path, Trainer,
         latents_in = [fm.latent_in(mp, t) for t in data.latents]
         flipped_in = [fm.latent_in(mp, t) for t in data.flipped] if data.flipped is not None else None
         try:
-            trainer = Trainer(cfg, list(net.parameters()), distributed.parallel(fm.ModelCall(mp, device), net, te_net),
+            trainer = Trainer(cfg, list(net.parameters()), distributed.parallel(call, net, te_net),
                               sigmas,
                               _pick(latents_in, keep),
                               rows, data.empty, device, text_parts=text_parts(fam), masks=_pick(data.masks, keep),
@@ -212,14 +220,18 @@ def train(model, data: Data, cfg: TrainConfig, run: Run) -> tuple[Path, Trainer,
             torch_save_atomic(tm.state_file(f), trainer.state_dict())  # last: its presence means all are there
             return out
 
-        previews = make_previews(mp, run, data, trainer) if rank == 0 else None
+        # A sharded base runs only with every rank: then they all sample and validate (rank 0 writes).
+        previews = make_previews(mp, run, data, trainer, writes=rank == 0) if rank == 0 or sharded else None
 
         def after_step(n: int):
-            if held_out is not None and rank == 0 and (n % run.validate_every == 0 or n == cfg.steps):
-                log.info("supercond: step %d validation loss %.5f", n, trainer.validation_loss(held_out))
+            if held_out is not None and (rank == 0 or sharded) and (n % run.validate_every == 0 or n == cfg.steps):
+                value = trainer.validation_loss(held_out)
+                if rank == 0:
+                    log.info("supercond: step %d validation loss %.5f", n, value)
             if previews is not None and (n % run.sample_every == 0 or n == cfg.steps):
                 with trainer.ema_applied(), torch.no_grad():
-                    return grid(previews.render(n))
+                    files = previews.render(n)
+                return grid(files) if files else None
             return None
 
         last: tuple[Path, dict] | None = None
@@ -245,8 +257,8 @@ def export_as(export_format: str, model) -> Callable[[dict], dict]:
     return lambda sd: lora_export.export_state_dict(sd, export_format, layout)
 
 
-def make_previews(mp, run: Run, data: Data, trainer: Trainer) -> Previewer | None:
-    """The sample renderer, or None when sample_every is 0."""
+def make_previews(mp, run: Run, data: Data, trainer: Trainer, writes: bool = True) -> Previewer | None:
+    """The sample renderer, or None when sample_every is 0. ``writes`` False: it samples and saves nothing."""
     if run.sample_every <= 0:
         return None
     prompts = parse_prompts(run.sample_prompts, trainer.cfg.seed, default_cfg(mp))
@@ -262,4 +274,5 @@ def make_previews(mp, run: Run, data: Data, trainer: Trainer) -> Previewer | Non
     first = data.rows[0][0] if isinstance(data.rows[0], list) else data.rows[0]
     fallback = row_conditioning(first)
     empty = row_conditioning(data.empty) if data.empty is not None else None
-    return Previewer(mp, prompts, encode, fallback, empty, data.latents[0], run.vae, run.stem.parent, run.stem.name)
+    return Previewer(mp, prompts, encode, fallback, empty, data.latents[0], run.vae, run.stem.parent, run.stem.name,
+                     writes)

@@ -103,11 +103,15 @@ def trainable(model: Any, *modules: nn.Module):
         yield
 
 
-def _highest_forward_children(module: nn.Module, out: list[nn.Module]) -> list[nn.Module]:
+def blocks(module: nn.Module) -> list[nn.Module]:
+    """The outermost modules under ``module`` that hold weights and that its forward calls (through
+    ``__call__``, so hooks run): containers (ModuleList, Sequential, ModuleDict) are looked into, since
+    ComfyUI iterates some Sequentials (the UNet's TimestepEmbedSequential) instead of calling them."""
+    out: list[nn.Module] = []
     for child in module.children():
         if isinstance(child, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
-            _highest_forward_children(child, out)
-        else:
+            out += blocks(child)
+        elif any(True for _ in child.parameters()):
             out.append(child)
     return out
 
@@ -120,9 +124,7 @@ def checkpointing(diffusion_model: nn.Module, enabled: bool):
     patched: list[tuple[nn.Module, Any]] = []  # (block, its own instance forward or None)
     try:
         if enabled:
-            for m in _highest_forward_children(diffusion_model, []):
-                if not any(True for _ in m.parameters()):
-                    continue
+            for m in blocks(diffusion_model):
                 orig = m.forward
 
                 def fwd(*args, _orig=orig, **kwargs):

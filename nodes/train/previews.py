@@ -92,8 +92,9 @@ class Previewer:
     """Renders the sample prompts with the model as it is (the trainer's LoRA hooks attached)."""
 
     def __init__(self, model: Any, prompts: list[SamplePrompt], encode, fallback: list, empty: list | None,
-                 latent_template: torch.Tensor, vae: Any | None, folder: Path, stem: str) -> None:
+                 latent_template: torch.Tensor, vae: Any | None, folder: Path, stem: str, writes: bool = True) -> None:
         self.model, self.prompts, self.vae = model, prompts, vae
+        self.writes = writes  # False: sample only (a rank of a sharded base, which must take part)
         self.folder, self.stem = folder, stem
         self.template = latent_template  # one raw training latent [1, C, (T,) h, w]: channels and default size
         self.conds = [self._conds(p, encode, fallback, empty) for p in prompts]
@@ -118,7 +119,7 @@ class Previewer:
         return torch.zeros([1, *shape[1:]])
 
     def render(self, step: int) -> list[Path]:
-        """Sample every prompt, save ``<stem>_<step>_sample_<k>.png``; returns the files."""
+        """Sample every prompt, save ``<stem>_<step>_sample_<k>.png``; returns the files (none if not ``writes``)."""
         import comfy.sample
 
         files = []
@@ -128,6 +129,8 @@ class Previewer:
             with torch.no_grad():
                 out = comfy.sample.sample(self.model, noise, p.steps, p.cfg, SAMPLER, SCHEDULER, pos, neg, latent,
                                           disable_pbar=True, seed=p.seed)
+                if not self.writes:
+                    continue
                 image = self._to_image(out)
             path = self.folder / f"{self.stem}_{step:06d}_sample_{k:02d}.png"
             write_atomic(path, ".png", lambda tmp, im=image: im.save(tmp, format="PNG"))
