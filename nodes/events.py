@@ -15,6 +15,7 @@ log = logging.getLogger("supercond")
 LOSS_EVENT = "supercond.loss"
 PROGRESS_TEXT = "supercond.progress_text"
 TRAINED_EVENT = "supercond.trained"  # a trainer's result, for scripts/train's caller only (never the frontend)
+SAMPLES_EVENT = "supercond.samples"  # sample previews a rank saved, for scripts/train's caller only
 _listeners: list[Callable[[str, dict], None]] = []
 
 
@@ -44,6 +45,12 @@ def trained(data: dict) -> None:
     """A trainer finished: its file and losses, handed to the listeners only (the node that started
     scripts/train reads them from the rank's output)."""
     _tell(TRAINED_EVENT, data)
+
+
+def samples(step: int, total: int, files: list) -> None:
+    """A trainer saved sample previews at ``step`` of ``total``: handed to the listeners only (the node
+    that started scripts/train shows them)."""
+    _tell(SAMPLES_EVENT, {"step": step, "total": total, "files": [str(f) for f in files]})
 
 
 def relay(event: str, data: dict, node_id: str | None) -> None:

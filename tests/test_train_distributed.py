@@ -88,8 +88,8 @@ def assert_close(a: list[torch.Tensor], b: list[torch.Tensor], atol: float = ATO
 def test_one_process_is_the_node_and_the_node_on_two_processes_is_twice_the_batch(server, base_prompt, straight):
     """scripts/train on one process writes the node's files bit for bit. The node with processes 2 (which
     starts scripts/train) with batch 1 writes the LoRA of one process with batch 2 within ATOL / RELATIVE,
-    its progress bar and live chart get every step, and its MODEL samples as the stock LoraLoader's on the
-    saved file, pixel for pixel."""
+    its progress bar, live chart and sample previews get every step's, and its MODEL samples as the stock
+    LoraLoader's on the saved file, pixel for pixel."""
     from supercond.tools.server import ComfyClient
 
     folder = server.loras_dir / "supercond_test"
@@ -105,7 +105,7 @@ def test_one_process_is_the_node_and_the_node_on_two_processes_is_twice_the_batc
     # two processes from the node (processes 2: it starts scripts/train, which starts torchrun)
     client = ComfyClient(server.url)
     two = set_inputs(base_prompt, "SupercondTrainLoRA", filename_prefix=f"supercond_test/two_{tag}", batch_size=1,
-                     processes=2)
+                     processes=2, sample_every=2)
     trainer = find(two, "SupercondTrainLoRA")
     r = client.run(two)
     assert r.status == "success", _said(r.error)
@@ -123,6 +123,9 @@ def test_one_process_is_the_node_and_the_node_on_two_processes_is_twice_the_batc
     assert [s for d in r.of_type("supercond.loss") if d["node"] == trainer for s in d["steps"]] == list(
         range(1, STEPS + 1))
     assert r.outputs[trainer]["images"]  # the loss plot, shown in the node
+    shown = [m for node, m in r.previews if node == trainer]  # rank 0's samples at steps 2 and 3, live
+    assert len(shown) == 2 and all(m[8:12] == b"\x89PNG" for m in shown)
+    assert (folder / f"two_{tag}_000002_sample_00.png").is_file()
     stock = {k: v for k, v in two.items() if v["class_type"] not in ("SupercondTrainLoRA", "PreviewImage",
                                                                       "SupercondLoadDataset")}
     ck = find(stock, "CheckpointLoaderSimple")

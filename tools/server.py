@@ -40,6 +40,7 @@ class RunResult:
     arrived: list[float] = field(default_factory=list)  # time.monotonic() at which each event arrived
     history: dict = field(default_factory=dict)
     error: dict | None = None
+    previews: list[tuple[str | None, bytes]] = field(default_factory=list)  # (node executing, binary message)
 
     @property
     def outputs(self) -> dict:
@@ -207,6 +208,7 @@ class ComfyClient:
         try:
             pid = self.queue(prompt)
             result = RunResult(prompt_id=pid, status="timeout")
+            executing = None
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 ws.settimeout(max(deadline - time.monotonic(), 0.1))
@@ -215,8 +217,9 @@ class ComfyClient:
                     got = time.monotonic()
                 except websocket.WebSocketTimeoutException:
                     break
-                if not isinstance(raw, str):
-                    continue  # binary previews
+                if not isinstance(raw, str):  # a preview image (this client asks for no metadata)
+                    result.previews.append((executing, bytes(raw)))
+                    continue
                 msg = json.loads(raw)
                 data = msg.get("data", {})
                 if data.get("prompt_id") not in (None, pid):
@@ -224,6 +227,8 @@ class ComfyClient:
                 result.events.append(msg)
                 result.arrived.append(got)
                 kind = msg.get("type")
+                if kind == "executing":
+                    executing = data.get("node")
                 if kind == "execution_error":
                     result.status, result.error = "error", data
                 elif kind == "execution_interrupted":

@@ -18,6 +18,7 @@ from ...core.lora import LoRANetwork, kohya_metadata
 from ...core.seeds import seeded_generator
 from ...core.train import TrainConfig, Trainer, TrainError, stored_row
 from ...core.train_data import DataError, TrainData, split_validation
+from .. import events
 from .. import family as fm
 from ..errors import InputError
 from . import distributed, sharding, text_encoder
@@ -231,7 +232,10 @@ def train(model, data: Data, cfg: TrainConfig, run: Run) -> tuple[Path, Trainer,
             if previews is not None and (n % run.sample_every == 0 or n == cfg.steps):
                 with trainer.ema_applied(), torch.no_grad():
                     files = previews.render(n)
-                return grid(files) if files else None
+                if not files:
+                    return None
+                events.samples(n, cfg.steps, files)  # to the node that started scripts/train, if any
+                return grid(files)
             return None
 
         last: tuple[Path, dict] | None = None

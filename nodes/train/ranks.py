@@ -25,7 +25,8 @@ from comfy_api.v0_0_2 import io
 
 from ...core.files import sweep_stale_temps
 from ..errors import InputError
-from ..events import LOSS_EVENT, TRAINED_EVENT, relay
+from ..events import LOSS_EVENT, SAMPLES_EVENT, TRAINED_EVENT, relay
+from .previews import grid
 
 log = logging.getLogger("supercond")
 IN_RANK = "SUPERCOND_TRAIN_RANK"  # set by tools/train_cli.py in every rank: the trainer there runs in-process
@@ -120,6 +121,9 @@ def _follow(proc: subprocess.Popen, node_id: str, mm) -> tuple[dict | None, dequ
             pbar = pbar or comfy.utils.ProgressBar(data["total"], node_id=node_id)
             relay(event, data, node_id)
             pbar.update_absolute(data["steps"][-1])  # Cancel may be raised here too (the server's hook)
+        elif event == SAMPLES_EVENT:  # rank 0's sample previews, shown in the node as in-process
+            pbar = pbar or comfy.utils.ProgressBar(data["total"], node_id=node_id)
+            pbar.update_absolute(data["step"], preview=("PNG", grid([Path(f) for f in data["files"]]), 1024))
         else:
             relay(event, data, node_id)
 
