@@ -290,10 +290,11 @@ def test_cancel_stops_every_rank_and_keeps_the_last_checkpoint(server, base_prom
     assert any(k.endswith("lora_up.weight") for k in load_file(str(newest)))
 
 
-def test_the_head_trainer_on_two_processes_equals_one_with_twice_the_batch(server):
+def test_the_head_trainer_on_two_processes_equals_one_with_twice_the_batch(server, tmp_path):
     """SupercondTrainHead (distill, a trajectory pool of 2 chains, last_block head with a LoRA) with processes 2
     (a chain each) through the server, against the node in the server (both chains): the saved heads and their losses agree
-    within the LoRA test's tolerance, and the node shows progress and returns the saved head."""
+    within the LoRA test's tolerance, and the node shows progress and returns the saved head. scripts/train on 2
+    processes with the base sharded trains the same head as the node on 2 processes, bit for bit."""
     from supercond.tools.server import ComfyClient
 
     client = ComfyClient(server.url)
@@ -330,3 +331,11 @@ def test_the_head_trainer_on_two_processes_equals_one_with_twice_the_batch(serve
         torch.testing.assert_close(v, heads[0][k], atol=4 * ATOL, rtol=1e-3)
     assert_close(states[1]["params"], states[0]["params"], atol=4 * ATOL, relative=3 * RELATIVE)
     assert runs["two"].outputs[trainer]["images"]  # the loss plot
+
+    r = train(server, tmp_path, set_inputs(base, "SupercondTrainHead", filename_prefix=f"supercond_test/headshard_{tag}"),
+              "--processes", "2", "--shard-base")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "base sharded over 2 processes" in r.stderr
+    sharded = torch.load(folder / f"headshard_{tag}_{STEPS:06d}.state.pt", weights_only=True)
+    assert sharded["losses"] == states[1]["losses"]
+    assert all(torch.equal(a, b) for a, b in zip(sharded["params"], states[1]["params"], strict=True))

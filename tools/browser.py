@@ -73,7 +73,8 @@ def set_widgets(page: Any, node_type: str, values: dict[str, Any]) -> int:
 def shrink_graph(page: Any, size: int = 64, max_steps: int = 4) -> None:
     """The editor-side twin of ``tools.workflows.shrink``: set the same widgets a user would
     turn down (latent size, any ``steps``, the schedule fit's ``teacher_steps``, a dataset ``resolution``, the trainer's sample prompts'
-    steps and size) so examples run quickly on the tiny fixtures."""
+    steps and size) so examples run quickly on the tiny fixtures; also an empty latent's batch, to 2 (a browser
+    run checks that the example runs and shows its outputs; the API tests keep the example's batch)."""
     page.evaluate(
         """([size, maxSteps]) => {
             for (const node of window.app.graph._nodes) {
@@ -87,6 +88,7 @@ def shrink_graph(page: Any, size: int = 64, max_steps: int = 4) -> None:
                     if (w.name === "steps") w.value = Math.min(w.value, maxSteps);
                     if (w.name === "teacher_steps") w.value = Math.min(w.value, 4 * maxSteps);
                     if (node.type.startsWith("Empty") && w.name === "length") w.value = Math.min(w.value, 5);
+                    if (node.type.startsWith("Empty") && w.name === "batch_size") w.value = Math.min(w.value, 2);
                 }
             }
             window.app.graph.setDirtyCanvas(true, true);

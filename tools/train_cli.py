@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                         "as JSON, and stop before running anything")
     p.add_argument("--shard-base", action="store_true",
                    help="split the frozen base model's weights across the processes (FSDP2) instead of a whole "
-                        "copy on each; SupercondTrainLoRA, 2 or more processes")
+                        "copy on each; 2 or more processes")
     _internal(p)
     return p
 
@@ -163,7 +163,8 @@ def run_rank(argv: list[str]) -> int:
         prompt = headless.as_prompt(_read(opts.workflow))
         node = pick_trainer(prompt, opts.node)
         if opts.shard_base:
-            _can_shard(prompt[node]["class_type"], world)
+            if world < 2:  # e.g. torchrun options that start one process
+                raise ValueError(SHARD_NEEDS_RANKS)
             os.environ[SHARD_ENV] = "1"
         headless.validate(prompt, node)
     except (headless.HeadlessError, ValueError, OSError) as e:
@@ -190,14 +191,6 @@ def run_rank(argv: list[str]) -> int:
         if world > 1:
             torch.distributed.destroy_process_group()
     return 0
-
-
-def _can_shard(trainer: str, world: int) -> None:
-    if trainer != "SupercondTrainLoRA":
-        raise ValueError(f"--shard-base shards the base model of SupercondTrainLoRA; {trainer} keeps a whole "
-                         "copy on every process: leave --shard-base out")
-    if world < 2:
-        raise ValueError(SHARD_NEEDS_RANKS)
 
 
 def _one_gpu_each(local_rank: int, world: int) -> None:

@@ -47,7 +47,7 @@ class Settings:
     seed: int = 0
 
 
-QUICK = Settings(prompts=18, storm_interrupts=1, quick=True)  # one fuzzed prompt per node
+QUICK = Settings(prompts=36, storm_interrupts=2, quick=True)
 
 
 def run(parts: tuple[str, ...], settings: Settings, workdir: Path) -> list[Row]:

@@ -36,7 +36,7 @@ from ..inputs import MAX_SEED, float_input, int_input
 from ..plots import line_plot
 from ..singlepass import hook
 from ..singlepass.nodes import CATEGORY, FOLDER
-from . import distributed, ranks
+from . import distributed, ranks, sharding
 from . import model as tm
 from . import run as train_run
 from .lora_run import conds_from
@@ -91,8 +91,9 @@ class Teacher:
     on the model (gist)."""
 
     def __init__(self, mp: Any, device: torch.device, head_type: str, positive: list[dict], negatives: list[dict],
-                 trains_backbone: bool = False, reads_negative: bool = False):
+                 trains_backbone: bool = False, reads_negative: bool = False, sharded: bool = False):
         self.call = fm.ModelCall(mp, device)
+        self.sharded = sharded  # a sharded base (scripts/train --shard-base): every rank makes the same calls
         self.net = mp.model.diffusion_model
         self.tail = fm.family_of(mp, NODE).tail
         self.head_type = head_type
@@ -105,7 +106,9 @@ class Teacher:
         """x0 of every row; the features of rows ``< first`` (rows that share a call keep their order, so
         those are a prefix of each call's rows)."""
         x0s, feats, groups = [], [], []
-        for g, kwargs in self.call.batches(x, rows):
+        batches, missing = sharding.agreed_batches(self.call, x, rows) if self.sharded else (
+            self.call.batches(x, rows), 0)
+        for g, kwargs in batches:
             idx = torch.tensor(g, device=x.device)
             with hook.capturing(self.net, self.tail, final=True, block=self.head_type == "last_block") as cap:
                 x0s.append(self.call.apply(x[idx], sigma[idx], kwargs))
@@ -113,6 +116,7 @@ class Teacher:
             if keep:
                 feats.append((keep, self.features(cap, len(keep), len(g))))
             groups.append(g)
+        x0s[0] = sharding.repeat_first(self.call, x, sigma, batches, missing, x0s[0])
         x0 = x0s[0] if len(groups) == 1 else fm.restore_order(torch.cat(x0s), groups)
         return x0, feats
 
@@ -352,6 +356,10 @@ class SupercondTrainHead(CheckedNode):
                                                save_every, resume, node_id, lora_stem, more)
             if ranks.in_rank() and distributed.writes():
                 events.trained({"path": str(path), "losses": losses, "lora": str(lora[0]) if lora else None})
+        plot = line_plot([(f"{mode} loss", range(1, len(losses) + 1), losses)], "head training loss", "step",
+                         "loss", logy=True)
+        if ranks.in_rank():  # scripts/train runs the graph up to this node: nothing reads a rank's MODEL
+            return io.NodeOutput(model, str(path), plot)  # (and with --shard-base, its base is sharded)
         final = hook.new_head(model, head, NODE)
         core_heads.load_state(final, sd, where=Path(path).name)
         final.spec = dataclasses.replace(final.spec, reads_negative=bool(more))
@@ -360,8 +368,6 @@ class SupercondTrainHead(CheckedNode):
             trained, _ = comfy.sd.load_lora_for_models(model, None, lora[1], 1.0, 0.0)
             log.info("supercond: the model's gist LoRA is %s: load it with LoraLoader before SupercondLoadHead "
                      "(head %s)", lora[0], path)
-        plot = line_plot([(f"{mode} loss", range(1, len(losses) + 1), losses)], "head training loss", "step",
-                         "loss", logy=True)
         return io.NodeOutput(hook.attach_head(trained, final), str(path), plot, ui=ui.PreviewImage(plot, cls=cls))
 
 
@@ -440,12 +446,16 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
             cfg.batch_size = n
     start = starting_head(model, head_type)
     mp = model.clone()
+    sharded = sharding.requested()
+    if sharded and reads and fam.tail.layout == "wan":  # its negatives go through a sharded text embedding
+        raise InputError("--shard-base cannot train a Wan head that reads negative prompts (negative_prompts): "
+                         "leave --shard-base out, or negative_prompts empty")
     with torch.inference_mode(False), torch.enable_grad(), contextlib.ExitStack() as shared:
-        mm.load_models_gpu([mp], force_full_load=True)
+        sharding.load(mp)
         device = mp.load_device
         ms = mp.get_model_object("model_sampling")
         teacher = Teacher(mp, device, head_type, pos_rows, negatives, trains_backbone=model_lora,
-                          reads_negative=reads)
+                          reads_negative=reads, sharded=sharded)
         net = hook.new_head(mp, head_type, NODE)  # before any LoRA hook exists: the copy must not carry one
         tm.materialize_weights(net)  # normal (not inference) tensors that autograd can use
         core_heads.load_state(net, core_heads.head_state(start))
@@ -465,6 +475,8 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
             shared.enter_context(tm.autograd_weights(mp.model.diffusion_model))
             backbone = LoRANetwork(fm.lora_layers(mp, NODE), lora_rank, float(lora_rank),
                                    seeded_generator(cfg.seed, _MODEL_LORA_SEED), device)
+        if sharded:  # after the head's copy of the model's layers
+            sharding.shard_base(mp.model.diffusion_model, device)
         pool, latents = (None, None)
         if cfg.mode == "distill":
             pool, latents = _pool_or_latents(mp, latent, len(pos_rows), cfg, device, max(len(negatives), 1))

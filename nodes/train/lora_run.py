@@ -140,10 +140,7 @@ def train(model, data: Data, cfg: TrainConfig, run: Run) -> tuple[Path, Trainer,
     mp = model.clone()
     sharded = sharding.requested()
     with torch.inference_mode(False), torch.enable_grad(), ExitStack() as shared:
-        if sharded:  # patched in the CPU's memory: only this rank's share of it goes to the device
-            mp.patch_model(device_to=mp.offload_device)
-        else:
-            mm.load_models_gpu([mp], force_full_load=True)
+        sharding.load(mp)
         device = mp.load_device
         dm = mp.model.diffusion_model
         shared.enter_context(tm.autograd_weights(dm))  # every clone shares dm: put back on the way out

@@ -2,12 +2,13 @@
 ``fully_shard``), for a base that does not fit one GPU. Each block of the model (model.blocks: the UNet's
 ResBlocks and attention layers, a DiT's blocks) and the rest of it (the root) become FSDP units: a rank
 keeps 1/N of each unit's weights and all-gathers a unit's whole weights only while that unit runs
-(forward, and again in backward for the input gradients), then frees them. The LoRA stays whole on
-every rank and its gradients are averaged by DistributedDataParallel as without sharding.
+(forward, and again in backward for the input gradients), then frees them. What is trained (the
+LoRA, a head's copied layers) stays whole on every rank and its gradients are averaged as without
+sharding.
 
 All-gathers are collective: every rank must run the same model calls in the same order. So with a
-sharded base every rank makes as many calls per micro-batch as the rank that needs most (``Lockstep``),
-and the validation loss and sample previews run on every rank (rank 0 writes).
+sharded base every rank makes as many calls per micro-batch as the rank that needs most
+(``agreed_batches``), and the validation loss and sample previews run on every rank (rank 0 writes).
 
 Only in a rank process (``SUPERCOND_SHARD_BASE``, set by scripts/train): the model is left sharded when
 the rank exits, so a model in the server is never sharded."""
@@ -33,6 +34,17 @@ def requested() -> bool:
     return os.environ.get(ENV) == "1" and distributed.shard()[1] > 1
 
 
+def load(mp: Any) -> None:
+    """A MODEL (ModelPatcher) made ready to train: loaded whole on its device, or, when the base is to be
+    sharded, patched in the CPU's memory (shard_base then moves only this rank's share to the device)."""
+    import comfy.model_management as mm
+
+    if requested():
+        mp.patch_model(device_to=mp.offload_device)
+    else:
+        mm.load_models_gpu([mp], force_full_load=True)
+
+
 def shard_base(root: nn.Module, device: torch.device) -> tuple[int, int]:
     """Shard ``root`` (its blocks, then the rest) over every rank; returns (bytes this rank holds, bytes
     of the whole model). The weights must stay frozen: only the LoRA is trained."""
@@ -53,27 +65,41 @@ def shard_base(root: nn.Module, device: torch.device) -> tuple[int, int]:
     return held, total
 
 
+def agreed_batches(call: Any, x_in: torch.Tensor, rows: list) -> tuple[list, int]:
+    """``call.batches(x_in, rows)`` (fm.ModelCall) with as many calls as the rank that needs most: the
+    batches (split if this rank's rows batch into fewer calls) and how many calls are still missing
+    (fewer rows than calls), to be made by ``repeat_first``."""
+    import torch.distributed as dist
+
+    batches = call.batches(x_in, rows)
+    most = torch.tensor([len(batches)], device=x_in.device)  # nccl: on the GPU
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    calls = int(most)
+    if len(batches) < calls:
+        batches = call.batches(x_in, rows, calls=calls)
+    return batches, calls - len(batches)
+
+
+def repeat_first(call: Any, x_in: torch.Tensor, sigma: torch.Tensor, batches: list, missing: int,
+                 first: torch.Tensor) -> torch.Tensor:
+    """``first`` (the first batch's output) plus ``missing`` more calls of that batch weighted 0: their
+    forward and backward all-gather with the other ranks' calls and change nothing."""
+    g, kwargs = batches[0]
+    for _ in range(missing):
+        first = first + 0 * call.apply(x_in[g], sigma[g], kwargs)
+    return first
+
+
 class Lockstep:
-    """A model call (fm.ModelCall) making the same number of calls on every rank: the rank whose rows
-    batch into fewer calls splits its batches, and, with fewer rows than calls, repeats its first call
-    with its output weighted 0 (so that call's backward all-gathers too)."""
+    """A model call (fm.ModelCall) making the same number of calls on every rank (``agreed_batches``)."""
 
     def __init__(self, call: Any) -> None:
         self.call = call
 
     def __call__(self, x_in: torch.Tensor, sigma: torch.Tensor, rows: list) -> torch.Tensor:
-        import torch.distributed as dist
-
         from .. import family as fm
 
-        batches = self.call.batches(x_in, rows)
-        most = torch.tensor([len(batches)], device=x_in.device)  # nccl: on the GPU
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        calls = int(most)
-        if len(batches) < calls:
-            batches = self.call.batches(x_in, rows, calls=calls)
+        batches, missing = agreed_batches(self.call, x_in, rows)
         outs = [self.call.apply(x_in[g], sigma[g], kw) for g, kw in batches]
-        for _ in range(calls - len(batches)):
-            g, kw = batches[0]
-            outs[0] = outs[0] + 0 * self.call.apply(x_in[g], sigma[g], kw)
+        outs[0] = repeat_first(self.call, x_in, sigma, batches, missing, outs[0])
         return fm.restore_order(torch.cat(outs), [g for g, _ in batches])
