@@ -47,7 +47,8 @@ def load(mp: Any) -> None:
 
 def shard_base(root: nn.Module, device: torch.device) -> tuple[int, int]:
     """Shard ``root`` (its blocks, then the rest) over every rank; returns (bytes this rank holds, bytes
-    of the whole model). The weights must stay frozen: only the LoRA is trained."""
+    of the whole model). Its weights must stay frozen: what is trained lives outside it (a LoRA's
+    matrices, a head's copy of the last layers)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
