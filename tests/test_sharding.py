@@ -1,6 +1,6 @@
-"""--shard-base's lockstep (nodes/train/sharding.py): two gloo processes shard a small frozen block model with
-the pack's shard_base and call it through Lockstep with rows that batch into different numbers of model
-calls on each rank. Every all-gather needs both ranks, so a rank making fewer calls would hang (the group's
+"""--shard-base's lockstep (nodes/train/sharding.py): two gloo processes shard a small frozen block model
+(blocks that add to their input in place, as Flux's do) with the pack's shard_base and call it through
+Lockstep with rows that batch into different numbers of model calls on each rank. Every all-gather needs both ranks, so a rank making fewer calls would hang (the group's
 timeout turns that into a failure). The outputs and the input gradients equal the unsharded model's."""
 
 from __future__ import annotations
@@ -39,15 +39,27 @@ dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
 rank = dist.get_rank()
 
 
+class Residual(nn.Module):
+    """Adds to its input in place, as Flux's and Chroma's blocks do (``txt += ...``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x):
+        x += torch.tanh(self.lin(x))
+        return x
+
+
 class Toy(nn.Module):
     def __init__(self):
         super().__init__()
-        self.blocks = nn.ModuleList([nn.Linear(6, 6) for _ in range(3)])
+        self.blocks = nn.ModuleList([Residual() for _ in range(3)])
         self.out = nn.Linear(6, 6)
 
     def forward(self, x):
         for b in self.blocks:
-            x = torch.tanh(b(x))
+            x = b(x * 1.0)
         return self.out(x)
 
 
@@ -72,7 +84,7 @@ class Call:
 torch.manual_seed(0)
 model = Toy().requires_grad_(False)
 whole = copy.deepcopy(model)
-held, total = sharding.shard_base(model, torch.device("cpu"))
+held, total = sharding.shard_base(model, torch.device("cpu"), inplace_residual=True)
 call = Call(model)
 lockstep = sharding.Lockstep(call)
 # per case: this rank's rows (rank 0, rank 1)
@@ -111,4 +123,4 @@ def test_ranks_whose_rows_batch_differently_make_the_same_calls_on_a_sharded_bas
     assert [c["rows"] for c in ranks[1]["cases"]] == [2, 3, 1]
     for got in ranks:
         for case in got["cases"]:
-            assert case["out"] < 1e-6 and case["grad"] < 1e-6, case
+            assert case["out"] < 1e-6 and case["grad"] < 1e-5, case  # float32 summation order

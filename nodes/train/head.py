@@ -476,7 +476,7 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
             backbone = LoRANetwork(fm.lora_layers(mp, NODE), lora_rank, float(lora_rank),
                                    seeded_generator(cfg.seed, _MODEL_LORA_SEED), device)
         if sharded:  # after the head's copy of the model's layers
-            sharding.shard_base(mp.model.diffusion_model, device)
+            sharding.shard_base(mp.model.diffusion_model, device, fam.inplace_residual)
         pool, latents = (None, None)
         if cfg.mode == "distill":
             pool, latents = _pool_or_latents(mp, latent, len(pos_rows), cfg, device, max(len(negatives), 1))

@@ -155,7 +155,7 @@ def train(model, data: Data, cfg: TrainConfig, run: Run) -> tuple[Path, Trainer,
             encode_text = text_encoder.encoder(te_clip)
         call = fm.ModelCall(mp, device)
         if sharded:
-            sharding.shard_base(dm, device)
+            sharding.shard_base(dm, device, fam.inplace_residual)
             call = sharding.Lockstep(call)
         sigmas = mp.get_model_object("model_sampling").sigmas
         try:

@@ -45,10 +45,12 @@ def load(mp: Any) -> None:
         mm.load_models_gpu([mp], force_full_load=True)
 
 
-def shard_base(root: nn.Module, device: torch.device) -> tuple[int, int]:
+def shard_base(root: nn.Module, device: torch.device, inplace_residual: bool = False) -> tuple[int, int]:
     """Shard ``root`` (its blocks, then the rest) over every rank; returns (bytes this rank holds, bytes
     of the whole model). Its weights must stay frozen: what is trained lives outside it (a LoRA's
-    matrices, a head's copy of the last layers)."""
+    matrices, a head's copy of the last layers). ``inplace_residual`` (Flux, Chroma: a block adds to
+    its input in place): each block gets copies of its inputs, since FSDP hands a block views that
+    autograd forbids changing in place."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
@@ -59,11 +61,18 @@ def shard_base(root: nn.Module, device: torch.device) -> tuple[int, int]:
     blocks = tm.blocks(root)
     for block in blocks:
         fully_shard(block, mesh=mesh)
+        if inplace_residual:  # after FSDP's own pre-forward hook (it prepends), so its views are copied
+            block.register_forward_pre_hook(_copied_inputs, with_kwargs=True)
     fully_shard(root, mesh=mesh)
     held = sum(p.to_local().numel() * p.element_size() for p in root.parameters())
     log.info("supercond: base sharded over %d processes in %d blocks and the rest: this rank holds %.2f of "
              "its %.2f MiB of weights", mesh.size(), len(blocks), held / 2**20, total / 2**20)
     return held, total
+
+
+def _copied_inputs(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    copy = lambda v: v.clone() if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
+    return tuple(copy(a) for a in args), {k: copy(v) for k, v in kwargs.items()}
 
 
 def agreed_batches(call: Any, x_in: torch.Tensor, rows: list) -> tuple[list, int]:
