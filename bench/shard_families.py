@@ -58,6 +58,7 @@ def rank_main(name: str, out: Path) -> None:
     from supercond.tools.fixture_models.registry import FAMILIES as SPECS
 
     dist.init_process_group("gloo")
+    os.environ[sharding.ENV] = "1"  # what scripts/train --shard-base sets in each rank
     model, clip, _ = load(name, ensure_fixtures(comfyui))
     rows = conds_from(encode(clip, "a red cube on a table"))[0][:1]
     mp = model.clone()

@@ -342,7 +342,11 @@ class ModelCall:
         return self.base.apply_model(x_in, sigma, transformer_options=dict(self.topts), **kwargs)
 
     def __call__(self, x_in: torch.Tensor, sigma: torch.Tensor, rows: Sequence[Cond]) -> torch.Tensor:
-        batches = self.batches(x_in, rows)
+        return self.run(x_in, sigma, self.batches(x_in, rows))
+
+    def run(self, x_in: torch.Tensor, sigma: torch.Tensor, batches: list[tuple[list[int], dict[str, Any]]]
+            ) -> torch.Tensor:
+        """The model on each of ``batches`` (from ``batches``), the rows back in their order."""
         if len(batches) == 1:
             return self.apply(x_in, sigma, batches[0][1])
         outs = [self.apply(x_in[g], sigma[g], kw) for g, kw in batches]

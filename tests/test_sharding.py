@@ -17,7 +17,7 @@ from supercond.tools.paths import PACK_DIR
 pytestmark = pytest.mark.comfy
 
 WORKER = r'''
-import datetime, importlib.util, json, sys
+import datetime, importlib.util, json, os, sys
 from pathlib import Path
 
 repo, comfyui, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
@@ -36,6 +36,7 @@ from supercond.nodes import family as fm
 from supercond.nodes.train import sharding
 
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
+os.environ[sharding.ENV] = "1"  # what scripts/train --shard-base sets in each rank
 rank = dist.get_rank()
 
 
@@ -74,6 +75,8 @@ class Call:
         for i, r in enumerate(rows):
             groups.setdefault(r, []).append(i)
         return [(g, {}) for g in fm.split_to(list(groups.values()), calls or 0)]
+
+    run = fm.ModelCall.run  # the adapter's own: each batch through apply, the rows back in order
 
     def apply(self, x, sigma, kw):
         self.calls += 1

@@ -91,9 +91,8 @@ class Teacher:
     on the model (gist)."""
 
     def __init__(self, mp: Any, device: torch.device, head_type: str, positive: list[dict], negatives: list[dict],
-                 trains_backbone: bool = False, reads_negative: bool = False, sharded: bool = False):
+                 trains_backbone: bool = False, reads_negative: bool = False):
         self.call = fm.ModelCall(mp, device)
-        self.sharded = sharded  # a sharded base (scripts/train --shard-base): every rank makes the same calls
         self.net = mp.model.diffusion_model
         self.tail = fm.family_of(mp, NODE).tail
         self.head_type = head_type
@@ -106,8 +105,7 @@ class Teacher:
         """x0 of every row; the features of rows ``< first`` (rows that share a call keep their order, so
         those are a prefix of each call's rows)."""
         x0s, feats, groups = [], [], []
-        batches, missing = sharding.agreed_batches(self.call, x, rows) if self.sharded else (
-            self.call.batches(x, rows), 0)
+        batches, missing = sharding.agreed_batches(self.call, x, rows)  # with a sharded base: as every rank
         for g, kwargs in batches:
             idx = torch.tensor(g, device=x.device)
             with hook.capturing(self.net, self.tail, final=True, block=self.head_type == "last_block") as cap:
@@ -116,9 +114,8 @@ class Teacher:
             if keep:
                 feats.append((keep, self.features(cap, len(keep), len(g))))
             groups.append(g)
-        x0s[0] = sharding.repeat_first(self.call, x, sigma, batches, missing, x0s[0])
         x0 = x0s[0] if len(groups) == 1 else fm.restore_order(torch.cat(x0s), groups)
-        return x0, feats
+        return sharding.with_idle_calls(x0, self.call, x, sigma, batches, missing), feats
 
     def features(self, cap: hook.Capture, rows: int | None, total: int) -> hook.Capture:
         return hook.Capture(*(_take(getattr(cap, f), rows, total, not self.trains_backbone) for f in
@@ -455,7 +452,7 @@ def train(model: Any, positive: Any, negative: Any, latent: dict | None, cfg: He
         device = mp.load_device
         ms = mp.get_model_object("model_sampling")
         teacher = Teacher(mp, device, head_type, pos_rows, negatives, trains_backbone=model_lora,
-                          reads_negative=reads, sharded=sharded)
+                          reads_negative=reads)
         net = hook.new_head(mp, head_type, NODE)  # before any LoRA hook exists: the copy must not carry one
         tm.materialize_weights(net)  # normal (not inference) tensors that autograd can use
         core_heads.load_state(net, core_heads.head_state(start))

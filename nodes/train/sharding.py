@@ -76,12 +76,14 @@ def _copied_inputs(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
 
 
 def agreed_batches(call: Any, x_in: torch.Tensor, rows: list) -> tuple[list, int]:
-    """``call.batches(x_in, rows)`` (fm.ModelCall) with as many calls as the rank that needs most: the
-    batches (split if this rank's rows batch into fewer calls) and how many calls are still missing
-    (fewer rows than calls), to be made by ``repeat_first``."""
+    """``call.batches(x_in, rows)`` (fm.ModelCall); with a sharded base, as many calls as the rank that
+    needs most: the batches (split if this rank's rows batch into fewer calls) and how many calls are
+    still missing (fewer rows than calls), for ``with_idle_calls``. Without one: the batches and 0."""
+    batches = call.batches(x_in, rows)
+    if not requested():
+        return batches, 0
     import torch.distributed as dist
 
-    batches = call.batches(x_in, rows)
     most = torch.tensor([len(batches)], device=x_in.device)  # nccl: on the GPU
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
     calls = int(most)
@@ -90,14 +92,14 @@ def agreed_batches(call: Any, x_in: torch.Tensor, rows: list) -> tuple[list, int
     return batches, calls - len(batches)
 
 
-def repeat_first(call: Any, x_in: torch.Tensor, sigma: torch.Tensor, batches: list, missing: int,
-                 first: torch.Tensor) -> torch.Tensor:
-    """``first`` (the first batch's output) plus ``missing`` more calls of that batch weighted 0: their
-    forward and backward all-gather with the other ranks' calls and change nothing."""
+def with_idle_calls(out: torch.Tensor, call: Any, x_in: torch.Tensor, sigma: torch.Tensor, batches: list,
+                    missing: int) -> torch.Tensor:
+    """``out`` plus 0 times ``missing`` more calls of the first batch: their forward and backward
+    all-gather with the other ranks' calls and change nothing."""
     g, kwargs = batches[0]
     for _ in range(missing):
-        first = first + 0 * call.apply(x_in[g], sigma[g], kwargs)
-    return first
+        out = out + 0 * call.apply(x_in[g], sigma[g], kwargs).sum()
+    return out
 
 
 class Lockstep:
@@ -107,9 +109,5 @@ class Lockstep:
         self.call = call
 
     def __call__(self, x_in: torch.Tensor, sigma: torch.Tensor, rows: list) -> torch.Tensor:
-        from .. import family as fm
-
         batches, missing = agreed_batches(self.call, x_in, rows)
-        outs = [self.call.apply(x_in[g], sigma[g], kw) for g, kw in batches]
-        outs[0] = repeat_first(self.call, x_in, sigma, batches, missing, outs[0])
-        return fm.restore_order(torch.cat(outs), [g for g, _ in batches])
+        return with_idle_calls(self.call.run(x_in, sigma, batches), self.call, x_in, sigma, batches, missing)
